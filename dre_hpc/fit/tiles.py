@@ -1,0 +1,155 @@
+"""Fit every cuts file of a directory: the work behind the ``dre`` command.
+
+For each ``<img>_cuts.h5``: find its PSF, convolve the cube once per PSF (cached), fit the objects
+in batches, write ``Summary/<img>_dre.fits``, ``Chi/<img>_chi.h5`` and optionally mosaics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+from ..io.catalog import find_catalog, offsets_from_catalog, read_catalog
+from ..io.cuts import read_cuts
+from ..io.outputs import mosaic_panels, summary_table, write_chi, write_mosaic, write_summary
+from ..models.convolve import ConvolvedCubeCache
+from ..models.psf import image_stem, psf_path_for_image, read_psf
+from .backend import get_backend
+from .engine import FitOptions, ModelMatrix, fit_cutouts
+
+log = logging.getLogger(__name__)
+CUTS_SUFFIX = "_cuts.h5"
+
+
+@dataclass
+class TileJob:
+    """Where a run reads and writes, and how it fits."""
+
+    cuts: str = "Cuts"
+    psf: str = "PSF"
+    summary_dir: str = "Summary"
+    chi_dir: str | None = "Chi"
+    catalogs: str | None = "Sextracted"
+    mosaics_dir: str | None = None
+    mosaic_png: bool = False
+    zero_point: float | None = None
+    compression: str = "medium"
+    backend: str = "cpu"
+    workers: int | None = None
+    options: FitOptions = field(default_factory=FitOptions)
+
+
+def list_cuts_files(cuts) -> list:
+    """The cuts files of a directory (``*_cuts.h5``, sorted), or the one file given."""
+    path = Path(cuts)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise InputError(f"cuts input {path} is neither a directory nor a file")
+    files = sorted(path.glob(f"*{CUTS_SUFFIX}"))
+    if not files:
+        raise InputError(f"no *{CUTS_SUFFIX} files in {path}")
+    return files
+
+
+def psf_index(ext_number: int) -> int:
+    """PSFEx HDU (0-based among PSF HDUs) of a cut: SExtractor's EXT_NUMBER is 1-based; 0 means none."""
+    return max(int(ext_number) - 1, 0)
+
+
+class CubeModels:
+    """A model cube and its convolutions, shared by every tile of a run (one copy per process)."""
+
+    def __init__(self, cube, grid, cube_key, backend="cpu", workers=None):
+        self.grid, self.key, self.workers = grid, cube_key, workers
+        representatives, _ = grid.unique_models()
+        self.unique = np.ascontiguousarray(cube.reshape((grid.size,) + cube.shape[-2:])[representatives])
+        self.xp = get_backend(backend)
+        self.cache = ConvolvedCubeCache(max_entries=1)
+
+    def for_psf(self, psf) -> ModelMatrix:
+        convolved = self.cache.get(self.key, self.unique, psf, workers=self.workers)
+        return ModelMatrix(self.xp, self.grid, convolved)
+
+
+def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
+    """Fit one cuts file and write its outputs. Returns counts for the log."""
+    name = cuts_file.name[: -len(CUTS_SUFFIX)] if cuts_file.name.endswith(CUTS_SUFFIX) else image_stem(cuts_file)
+    psf_file = psf_path_for_image(job.psf, name)
+    if psf_file is None:
+        raise InputError(f"no PSF for {name}: give --psf DIR (with {name}.psf) or --psf FILE")
+    cuts = read_cuts(cuts_file, boxsize=models.grid.boxsize)
+    catalog_path = find_catalog(job.catalogs, name)
+    catalog = read_catalog(catalog_path) if catalog_path else None
+    if catalog is not None and not np.isfinite(cuts.offsets).all():
+        offsets_from_catalog(cuts.objects, catalog, models.grid.boxsize)
+    start = time.perf_counter()
+    results = _fit_by_extension(models, cuts, psf_file, job)
+    elapsed = time.perf_counter() - start
+    meta = {"DRE_VER": __version__, "STATISTIC": job.options.statistic, "PSF": str(psf_file)[-60:],
+            "GAIN": job.options.gain if job.options.gain else "none",
+            "ZEROPT": job.zero_point if job.zero_point is not None else "none"}
+    write_summary(Path(job.summary_dir) / f"{name}_dre.fits",
+                  summary_table(results, cuts.objects, job.zero_point, catalog, meta))
+    if job.chi_dir and len(cuts):
+        write_chi(Path(job.chi_dir) / f"{name}_chi.h5", cuts.names, results["SURFACE"], models.grid,
+                  job.options.statistic, job.compression)
+    if job.mosaics_dir and len(cuts):
+        _write_mosaics(models, cuts, results, psf_file, name, job)
+    rate = len(cuts) / elapsed if elapsed > 0 else float("inf")
+    log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged", name, len(cuts), elapsed,
+             rate, int(np.count_nonzero(results.get("FLAGS", []))) if len(cuts) else 0)
+    return {"name": name, "objects": len(cuts), "seconds": elapsed}
+
+
+def _fit_by_extension(models, cuts, psf_file, job):
+    """Fit the objects of each image extension with that extension's PSF; rows in input order."""
+    ext = cuts.objects["EXT_NUMBER"]
+    parts, order = [], []
+    for value in np.unique(ext):
+        index = np.flatnonzero(ext == value)
+        psf = read_psf(psf_file, ext_number=psf_index(value))
+        parts.append(fit_cutouts(models.for_psf(psf), cuts.subset(index), job.options))
+        order.append(index)
+    if not parts:
+        return _empty(models.grid)
+    inverse = np.argsort(np.concatenate(order))
+    return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+
+
+def _empty(grid):
+    f = np.zeros(0)
+    names = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD", "INDEX",
+             "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN", "INDEX_ERR",
+             "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN", "LOGR_ERR"]
+    cols = {n: f for n in names}
+    cols.update(MODEL_IDX=np.zeros((0, 4), np.int16), DOF=np.zeros(0, np.int64), NPIX=np.zeros(0, np.int64),
+                FLAGS=np.zeros(0, np.int64), SURFACE=np.zeros((0, grid.size), np.float32))
+    return cols
+
+
+def _write_mosaics(models, cuts, results, psf_file, name, job):
+    from .centering import centre_cutouts
+    out = Path(job.mosaics_dir) / name
+    for value in np.unique(cuts.objects["EXT_NUMBER"]):
+        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(value)))
+        for i in np.flatnonzero(cuts.objects["EXT_NUMBER"] == value):
+            best = int(np.ravel_multi_index(results["MODEL_IDX"][i], models.grid.shape)) \
+                if results["MODEL_IDX"][i][0] >= 0 else None
+            data, mask = cuts.data[i], cuts.mask[i]
+            offset = np.nan_to_num(cuts.offsets[i:i + 1])
+            if job.options.centre and np.any(offset != 0):
+                d, _, m, _ = centre_cutouts(np, np.nan_to_num(data)[None], cuts.rms[i][None], mask[None],
+                                            np.zeros((1,) + data.shape, bool), offset)
+                data, mask = d[0], m[0]
+            model = mm.stamp(best) if best is not None else np.zeros_like(data)
+            flux = results["FLUX"][i] if np.isfinite(results["FLUX"][i]) else 0.0
+            write_mosaic(out / f"{name}_{cuts.names[i]}_mosaic.fits", mosaic_panels(data, mask, model, flux),
+                         [("NUMBER", int(cuts.objects["NUMBER"][i])), ("FLAGS", int(results["FLAGS"][i]))],
+                         png=job.mosaic_png)

@@ -1,0 +1,49 @@
+"""Per-object bit flags of the fit (column ``FLAGS``); the README's table is generated from here."""
+
+from __future__ import annotations
+
+import enum
+
+
+class FitFlag(enum.IntFlag):
+    """Why a fit result needs care. Several bits may be set; 0 means a clean fit.
+
+    Descriptions live in ``_DESCRIPTIONS`` (used for the README and ``dre --list-flags``).
+    """
+
+    EDGE_LOGR_MIN = 1
+    EDGE_LOGR_MAX = 2
+    EDGE_AX_RATIO_MIN = 4
+    EDGE_INDEX = 8
+    NONPOSITIVE_FLUX = 16
+    FEW_PIXELS = 32
+    NONFINITE_INPUT = 64
+    BAD_RMS = 128
+    FIT_FAILED = 256
+    EMPTY_MASK = 512
+    NO_CENTRE = 1024
+    CUT_PADDED = 2048
+
+    @classmethod
+    def describe(cls) -> list:
+        """(value, name, description) for every flag."""
+        return [(int(f), f.name, _DESCRIPTIONS[f.name]) for f in cls]
+
+
+_DESCRIPTIONS = {
+    "EDGE_LOGR_MIN": "best radius is the smallest of the grid (object may be smaller)",
+    "EDGE_LOGR_MAX": "best radius is the largest of the grid (object may be larger)",
+    "EDGE_AX_RATIO_MIN": "best axis ratio is the smallest of the grid",
+    "EDGE_INDEX": "best Sersic index is the smallest or largest of the grid (when it has more than one)",
+    "NONPOSITIVE_FLUX": "best-fit flux <= 0 (no positive model fits the data)",
+    "FEW_PIXELS": "fewer usable pixels in the mask than --min-pixels",
+    "NONFINITE_INPUT": "NaN or infinite data or rms inside the mask (those pixels were ignored)",
+    "BAD_RMS": "zero or negative rms inside the mask (those pixels were ignored)",
+    "FIT_FAILED": "no finite chi-square for any model; parameters are fill values",
+    "EMPTY_MASK": "the object's mask has no pixel",
+    "NO_CENTRE": "the object's sub-pixel position is unknown: no sub-pixel centring",
+    "CUT_PADDED": "the cutout reached the image edge and was padded (from the cuts file)",
+}
+
+#: Flags after which the parameters are fill values, not measurements.
+UNFITTED = FitFlag.FIT_FAILED | FitFlag.EMPTY_MASK | FitFlag.FEW_PIXELS

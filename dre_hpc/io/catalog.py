@@ -1,0 +1,67 @@
+"""SExtractor catalogues (FITS_LDAC or plain FITS tables) and the positions they give the cutouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table
+
+from ..errors import InputError
+
+
+def find_catalog(catalogs_dir, name) -> Path | None:
+    """``<dir>/<name>/<name>_cat.fits`` (``--subdir`` layout) or ``<dir>/<name>_cat.fits``; None if absent."""
+    if catalogs_dir is None:
+        return None
+    for candidate in (Path(catalogs_dir) / name / f"{name}_cat.fits", Path(catalogs_dir) / f"{name}_cat.fits"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_catalog(path) -> Table:
+    """The object table of a catalogue: HDU ``LDAC_OBJECTS`` (FITS_LDAC) or the first table HDU."""
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdu = next((h for h in hdul if h.name == "LDAC_OBJECTS"), None)
+            if hdu is None:
+                hdu = next((h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))), None)
+            if hdu is None:
+                raise InputError(f"catalogue {path}: no LDAC_OBJECTS or table HDU")
+            table = Table(hdu.data)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"catalogue {path}: cannot be read as FITS ({exc})") from None
+    if "NUMBER" not in table.colnames:
+        raise InputError(f"catalogue {path}: no NUMBER column; a SExtractor catalogue is expected")
+    return table
+
+
+def offsets_from_catalog(objects, table, boxsize=128) -> int:
+    """Fill DX/DY (and X_IMAGE/Y_IMAGE) of DRE-layout cutouts from catalogue positions.
+
+    The original make_cuts cut with astropy ``Cutout2D`` at the 0-based position X_IMAGE - 1, whose
+    first pixel is ``ceil(p - B/2)``: the object sits at ``p - ceil(p - B/2)`` in the cut, in (63, 64]
+    for B = 128. Returns the number of objects matched.
+    """
+    if not {"X_IMAGE", "Y_IMAGE"} <= set(table.colnames):
+        return 0
+    has_ext = "EXT_NUMBER" in table.colnames
+    lookup = {}
+    for i, number in enumerate(np.asarray(table["NUMBER"])):
+        ext = int(table["EXT_NUMBER"][i]) if has_ext else 0
+        lookup[(ext, int(number))] = i
+    matched = 0
+    for row in objects:
+        key = (int(row["EXT_NUMBER"]), int(row["NUMBER"]))
+        i = lookup.get(key, lookup.get((0, key[1])) if not has_ext else None)
+        if i is None:
+            continue
+        x, y = float(table["X_IMAGE"][i]), float(table["Y_IMAGE"][i])
+        row["X_IMAGE"], row["Y_IMAGE"] = x, y
+        for coord, field in ((x, "DX"), (y, "DY")):
+            p = coord - 1.0
+            row[field] = p - np.ceil(p - boxsize / 2) - boxsize // 2
+        matched += 1
+    return matched

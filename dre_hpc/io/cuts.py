@@ -1,0 +1,184 @@
+"""Cutout files: the original DRE layout (one HDF5 group per object) and our stacked layout.
+
+**DRE layout**: one group per object named ``f"{EXT_NUMBER:02d}_{NUMBER:04d}"`` with datasets
+``obj`` (float32), ``seg`` (bool mask) and ``rms`` (float32), each 128x128. No positions.
+
+**Stacked layout** (``attrs['layout'] == 'dre_hpc-stacked'``), built for fast chunked reads:
+datasets ``data`` (N, B, B) float32, ``mask`` (N, B, B) bool, ``rms`` (N, B, B) float32, and the
+table ``objects`` (N,) with fields ``NUMBER``, ``EXT_NUMBER``, ``X_IMAGE``, ``Y_IMAGE`` (catalogue
+position, FITS 1-based), ``X0``, ``Y0`` (0-based image pixel of cut pixel [0, 0]), ``DX``, ``DY``
+(object centre minus the model centre ``[B//2, B//2]`` in cut pixels; NaN when unknown) and
+``CUT_FLAGS`` (integrity bits from make_cuts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CutsFormatError, InputError
+
+STACKED_LAYOUT = "dre_hpc-stacked"
+OBJECT_FIELDS = [("NUMBER", "i8"), ("EXT_NUMBER", "i4"), ("X_IMAGE", "f8"), ("Y_IMAGE", "f8"),
+                 ("X0", "i8"), ("Y0", "i8"), ("DX", "f8"), ("DY", "f8"), ("CUT_FLAGS", "i8")]
+COMPRESSION = {"none": {}, "low": {"compression": "lzf"},
+               "medium": {"compression": "gzip", "compression_opts": 4},
+               "high": {"compression": "gzip", "compression_opts": 9}}
+
+
+@dataclass
+class CutoutSet:
+    """A batch of cutouts in memory: arrays (N, B, B) and one table row per object."""
+
+    data: np.ndarray
+    mask: np.ndarray
+    rms: np.ndarray
+    objects: np.ndarray                      # structured array with OBJECT_FIELDS
+    source: str = ""
+    names: list = field(default_factory=list)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N, 2) array of (dy, dx); NaN where the position is unknown."""
+        return np.stack([self.objects["DY"], self.objects["DX"]], axis=1)
+
+    def subset(self, index) -> "CutoutSet":
+        names = list(np.asarray(self.names, dtype=object)[index]) if self.names else []
+        return CutoutSet(self.data[index], self.mask[index], self.rms[index], self.objects[index],
+                         self.source, names)
+
+
+def object_name(ext_number, number) -> str:
+    """The original DRE group name of an object."""
+    return f"{int(ext_number):02d}_{int(number):04d}"
+
+
+def empty_objects(n: int) -> np.ndarray:
+    table = np.zeros(n, dtype=OBJECT_FIELDS)
+    table["DX"] = table["DY"] = np.nan
+    return table
+
+
+def detect_layout(h5, source) -> str:
+    if h5.attrs.get("layout") == STACKED_LAYOUT:
+        return "stacked"
+    groups = list(h5.keys())
+    if groups and all(isinstance(h5[g], h5py.Group) and {"obj", "seg", "rms"} <= set(h5[g]) for g in groups[:3]):
+        return "dre"
+    if not groups:
+        return "empty"
+    raise CutsFormatError(f"{source}: not a cuts file: expected groups with obj/seg/rms (DRE layout) "
+                          f"or attrs layout={STACKED_LAYOUT!r} (stacked layout); found {groups[:5]}")
+
+
+def count_cuts(path) -> int:
+    """Number of objects in a cuts file of either layout."""
+    with _open(path) as h5:
+        layout = detect_layout(h5, path)
+        return {"stacked": lambda: h5["data"].shape[0], "dre": lambda: len(h5), "empty": lambda: 0}[layout]()
+
+
+def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128) -> CutoutSet:
+    """Read objects ``[start, stop)`` of a cuts file of either layout (DRE groups in sorted order)."""
+    with _open(path) as h5:
+        layout = detect_layout(h5, path)
+        if layout == "stacked":
+            cuts = _read_stacked(h5, path, start, stop)
+        elif layout == "dre":
+            cuts = _read_dre(h5, path, start, stop)
+        else:
+            cuts = CutoutSet(*(np.zeros((0, boxsize, boxsize), t) for t in ("f4", "?", "f4")),
+                             empty_objects(0), str(path))
+    _check_shapes(cuts, path, boxsize)
+    return cuts
+
+
+def _open(path):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"cuts file {path} does not exist")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise CutsFormatError(f"{path}: cannot be read as HDF5 ({exc})") from None
+
+
+def _read_stacked(h5, path, start, stop) -> CutoutSet:
+    try:
+        sel = slice(start, stop)
+        table = h5["objects"][sel]
+        cuts = CutoutSet(h5["data"][sel], h5["mask"][sel].astype(bool), h5["rms"][sel],
+                         empty_objects(len(table)), str(path))
+    except KeyError as exc:
+        raise CutsFormatError(f"{path}: stacked cuts file lacks {exc}; expected datasets "
+                              "data, mask, rms and objects") from None
+    for name in table.dtype.names:
+        if name in cuts.objects.dtype.names:
+            cuts.objects[name] = table[name]
+    cuts.names = [object_name(e, n) for e, n in zip(cuts.objects["EXT_NUMBER"], cuts.objects["NUMBER"])]
+    return cuts
+
+
+def _read_dre(h5, path, start, stop) -> CutoutSet:
+    names = sorted(h5.keys())[start:stop]
+    table = empty_objects(len(names))
+    arrays = {"obj": [], "seg": [], "rms": []}
+    for i, name in enumerate(names):
+        group = h5[name]
+        for key in arrays:
+            if key not in group:
+                raise CutsFormatError(f"{path}: group {name!r} lacks dataset {key!r} (DRE layout needs obj, seg, rms)")
+            arrays[key].append(group[key][()])
+        table["EXT_NUMBER"][i], table["NUMBER"][i] = _parse_name(name, path)
+    try:
+        data, seg, rms = (np.array(arrays[k]) for k in ("obj", "seg", "rms"))
+    except ValueError:
+        raise CutsFormatError(f"{path}: cutouts of different shapes; every obj/seg/rms must be 128x128") from None
+    return CutoutSet(data.astype(np.float32), seg.astype(bool), rms.astype(np.float32), table, str(path), names)
+
+
+def _parse_name(name, path):
+    try:
+        ext, number = name.split("_")
+        return int(ext), int(number)
+    except ValueError:
+        raise CutsFormatError(f"{path}: group name {name!r} is not EXT_NUMBER_NUMBER (e.g. 00_0042)") from None
+
+
+def _check_shapes(cuts, path, boxsize):
+    for name in ("data", "mask", "rms"):
+        arr = getattr(cuts, name)
+        if arr.ndim != 3 or arr.shape[1:] != (boxsize, boxsize):
+            raise CutsFormatError(f"{path}: {name} cutouts have shape {arr.shape[1:]}, expected "
+                                  f"({boxsize}, {boxsize}) like the model stamps")
+    if not (len(cuts.mask) == len(cuts.rms) == len(cuts.data) == len(cuts.objects)):
+        raise CutsFormatError(f"{path}: data, mask, rms and objects have different lengths")
+
+
+def write_cuts(path, cuts: CutoutSet, layout: str = "stacked", compression: str = "low") -> None:
+    """Write a cuts file in the ``stacked`` or ``dre`` layout (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    opts = COMPRESSION[compression]
+    with h5py.File(tmp, "w") as h5:
+        if layout == "stacked":
+            h5.attrs["layout"] = STACKED_LAYOUT
+            h5.attrs["version"] = 1
+            n, b = len(cuts), cuts.data.shape[-1]
+            chunk = (min(max(n, 1), 64), b, b)
+            for name, arr in (("data", cuts.data), ("mask", cuts.mask), ("rms", cuts.rms)):
+                h5.create_dataset(name, data=arr, chunks=chunk if n else None, **(opts if n else {}))
+            h5.create_dataset("objects", data=cuts.objects)
+        else:
+            for i, row in enumerate(cuts.objects):
+                group = h5.create_group(object_name(row["EXT_NUMBER"], row["NUMBER"]))
+                group.create_dataset("obj", data=cuts.data[i].astype(np.float32), **opts)
+                group.create_dataset("seg", data=cuts.mask[i].astype(bool), **opts)
+                group.create_dataset("rms", data=cuts.rms[i].astype(np.float32), **opts)
+    tmp.replace(path)

@@ -1,0 +1,131 @@
+"""Write the fit outputs: ``Summary/<img>_dre.fits``, ``Chi/<img>_chi.h5`` and mosaics.
+
+Every file is written under a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+from astropy.io import fits
+from astropy.table import Table, join
+
+from .cuts import COMPRESSION
+
+#: The original DRE columns, in its order, then ours.
+ORIGINAL_COLUMNS = ["ROW", "MODEL_IDX", "CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR",
+                    "LOGR_PARAB", "LOGR_STD", "INDEX", "LOGR", "AX_RATIO", "ANGLE", "EXT_NUMBER", "NUMBER"]
+EXTRA_COLUMNS = ["FLUX", "FLUX_ERR", "MAG", "MAG_ERR", "CHI2", "DOF", "NPIX",
+                 "INDEX_MEAN", "INDEX_ERR", "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR",
+                 "LOGR_MEAN", "LOGR_ERR", "X_IMAGE", "Y_IMAGE", "DX", "DY", "FLAGS"]
+#: Prefix given to catalogue columns whose names clash with ours (e.g. SExtractor's FLAGS).
+CATALOG_PREFIX = "SEX_"
+
+
+def magnitudes(flux, flux_err, zero_point):
+    """MAG and MAG_ERR for positive fluxes; NaN elsewhere or without a zero-point."""
+    flux = np.asarray(flux, dtype=float)
+    if zero_point is None:
+        nan = np.full(flux.shape, np.nan)
+        return nan, nan.copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = flux > 0
+        mag = np.where(positive, zero_point - 2.5 * np.log10(np.where(positive, flux, 1)), np.nan)
+        err = np.where(positive, 2.5 / np.log(10) * flux_err / np.where(positive, flux, 1), np.nan)
+    return mag, err
+
+
+def summary_table(results: dict, objects, zero_point=None, catalog: Table | None = None,
+                  meta: dict | None = None) -> Table:
+    """The per-object table: original columns, ours, then catalogue columns joined on the object id."""
+    cols = dict(results)
+    cols.pop("SURFACE", None)
+    n = len(objects)
+    cols["ROW"] = np.arange(n)
+    for name in ("EXT_NUMBER", "NUMBER", "X_IMAGE", "Y_IMAGE", "DX", "DY"):
+        cols[name] = np.asarray(objects[name])
+    cols["MAG"], cols["MAG_ERR"] = magnitudes(cols["FLUX"], cols["FLUX_ERR"], zero_point)
+    order = ORIGINAL_COLUMNS + EXTRA_COLUMNS
+    table = Table([cols[c] for c in order], names=order)
+    for key, value in (meta or {}).items():
+        table.meta[key] = value
+    if catalog is not None and len(catalog):
+        table = _join_catalog(table, catalog)
+    return table
+
+
+def _join_catalog(table: Table, catalog: Table) -> Table:
+    catalog = catalog.copy(copy_data=False)
+    for name in [c for c in catalog.colnames if c.startswith("VIGNET")]:
+        catalog.remove_column(name)
+    keys = ["NUMBER"] + (["EXT_NUMBER"] if "EXT_NUMBER" in catalog.colnames else [])
+    for name in list(catalog.colnames):
+        if name in table.colnames and name not in keys:
+            catalog.rename_column(name, CATALOG_PREFIX + name)
+    if "EXT_NUMBER" not in keys:
+        catalog = catalog.copy()
+    joined = join(table, catalog, keys=keys, join_type="left")
+    joined.sort("ROW")
+    return joined
+
+
+def write_summary(path, table: Table) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    table.write(tmp, format="fits", overwrite=True)
+    tmp.replace(path)
+
+
+def write_chi(path, names, surfaces, grid, statistic: str, compression: str = "medium") -> None:
+    """One float32 dataset per object, shape (NINDEX, NAXRAT, NPOSANG, NLOGH), named like its cut."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    opts = COMPRESSION[compression]
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["statistic"] = statistic
+        for key, value, _ in grid.to_header_cards():
+            h5.attrs[key] = value
+        for name, surface in zip(names, surfaces):
+            h5.create_dataset(name, data=surface.reshape(grid.shape).astype(np.float32), **opts)
+    tmp.replace(path)
+
+
+def mosaic_panels(data, mask, model, flux) -> np.ndarray:
+    """Data, mask (scaled to the data), scaled model and residual side by side: (B, 4B), data orientation."""
+    scaled = flux * model
+    level = np.nanmax(np.abs(data)) if np.isfinite(data).any() else 1.0
+    return np.hstack([data, mask.astype(np.float32) * level, scaled, data - scaled]).astype(np.float32)
+
+
+def write_mosaic(path, panels, header_cards=(), png=False) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = fits.Header()
+    for key, value in header_cards:
+        header[key] = value
+    header["PANELS"] = ("DATA,MASK,MODEL,RESID", "left to right")
+    tmp = path.with_name(path.name + ".tmp")
+    fits.PrimaryHDU(panels, header=header).writeto(tmp, overwrite=True)
+    tmp.replace(path)
+    if png:
+        _write_png(path.with_suffix(".png"), panels)
+
+
+def _write_png(path, panels):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    b = panels.shape[0]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 3.3))
+    vmax = np.nanpercentile(np.abs(panels[:, :b]), 99.5) or 1.0
+    for k, (ax, title) in enumerate(zip(axes, ("data", "mask", "model", "residual"))):
+        ax.imshow(panels[:, k * b:(k + 1) * b], origin="lower", cmap="gray", vmin=-vmax, vmax=vmax)
+        ax.set_title(title)
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
