@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gain", type=float, default=None, help="gain in e-/ADU of the cut data: adds the "
                    "Poisson term to the variance")
     p.add_argument("--min-pixels", type=int, default=16, help="fewest usable mask pixels to fit (default: 16)")
+    p.add_argument("--psf-pixel", choices=("included", "excluded"), default="included",
+                   help="whether the PSF already contains the pixel response (PSFEx PSFs do: it is "
+                   "divided out so that the pixel-integrated models do not count it twice)")
     p.add_argument("--no-centre", action="store_true", help="do not move cutouts to the sub-pixel centre")
     return p
 
@@ -79,7 +82,8 @@ def drive(argv=None) -> int:
                   backend=args.backend, workers=args.cpu, options=options)
     files = list_cuts_files(args.input)
     cube, grid, key = load_cube(args.model)
-    models = CubeModels(cube, grid, key, backend=args.backend, workers=args.cpu)
+    models = CubeModels(cube, grid, key, backend=args.backend, workers=args.cpu,
+                        psf_has_pixel=args.psf_pixel == "included")
     start, total = time.perf_counter(), 0
     for k, cuts_file in enumerate(files, 1):
         log.info("(%d/%d) %s", k, len(files), cuts_file)

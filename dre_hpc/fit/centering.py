@@ -2,7 +2,8 @@
 
 We shift the *data* (not the models): the convolved cube is shared by all objects and cannot
 be re-rendered per object. Each cutout is resampled with a separable Lanczos-3 kernel by its
-own offset; the rms map follows with the same kernel and the mask with the nearest pixel.
+own offset; the variance follows with the squared kernel (so the rms stays that of each
+resampled pixel: interpolation averages noise down) and the mask follows with the nearest pixel.
 Pixels whose interpolation touched a bad (non-finite) input pixel are marked bad.
 
 ``offsets[:, 0]`` is dy and ``offsets[:, 1]`` is dx: the object centre minus the model centre,
@@ -30,10 +31,15 @@ def _gather(xp, images, index, axis):
     return xp.take_along_axis(images, index.reshape(shape), axis=axis)
 
 
-def _shift_axis(xp, images, delta, axis):
-    """Resample every image so that out[x] = in[x + delta] along one axis (Lanczos-3)."""
+def _shift_axis(xp, images, delta, axis, squared=False):
+    """Resample every image so that out[x] = in[x + delta] along one axis (Lanczos-3).
+
+    With ``squared`` the kernel weights are squared: the propagation of a variance map.
+    """
     base = xp.floor(delta)
     weights, taps = _lanczos_taps(xp, delta - base)
+    if squared:
+        weights = weights * weights
     coords = xp.arange(images.shape[axis], dtype=xp.int64)
     start = coords[None, :] + base.astype(xp.int64)[:, None]
     out = xp.zeros_like(images)
@@ -67,9 +73,10 @@ def centre_cutouts(xp, data, rms, mask, bad, offsets):
     """
     dy, dx = offsets[:, 0], offsets[:, 1]
     badf = bad.astype(data.dtype)
+    var = rms * rms
     for delta, axis in ((dy, 1), (dx, 2)):
         data = _shift_axis(xp, data, delta, axis)
-        rms = _shift_axis(xp, rms, delta, axis)
+        var = _shift_axis(xp, var, delta, axis, squared=True)
         badf = _shift_axis(xp, badf, delta, axis)
         mask = _shift_nearest(xp, mask, delta, axis)
-    return data, rms, mask, xp.abs(badf) > 1e-3
+    return data, xp.sqrt(var), mask, xp.abs(badf) > 1e-3

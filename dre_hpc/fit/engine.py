@@ -16,7 +16,8 @@ from ..flags import UNFITTED, FitFlag
 from .backend import to_host
 from .centering import centre_cutouts
 from .chi2 import dre_chi_one, recheck_wls, wls_chi2
-from .summary import summarize
+from .refine import refined_flux, window_cells
+from .summary import posterior_weights, summarize
 
 STATISTICS = ("wls", "dre")
 
@@ -91,11 +92,11 @@ def _prepare(xp, cuts, options):
 
 
 def _fit_wls(xp, mm, d, w):
-    chi2, _ = wls_chi2(xp, d, w, mm.models, mm.models_sq)
+    chi2, amp_all = wls_chi2(xp, d, w, mm.models, mm.models_sq)
     best, chi2_best, amp, err = recheck_wls(xp, d, w, mm.models, chi2)
     surface = chi2.astype(xp.float64)
     surface[xp.arange(d.shape[0]), best] = chi2_best      # exact value at the chosen model
-    return best, chi2_best, amp, err, surface, surface
+    return best, chi2_best, amp, err, surface, surface, amp_all
 
 
 def _fit_dre(xp, mm, d, w, rms, usable, npix):
@@ -116,7 +117,7 @@ def _fit_dre(xp, mm, d, w, rms, usable, npix):
     err = xp.where(b > 0, 1 / xp.sqrt(xp.where(b > 0, b, 1)), xp.inf)
     stat = stat.astype(xp.float64)
     surface = xp.where(finite, stat * xp.asarray(npix)[:, None], xp.inf)
-    return best, chi2_best, amp, err, surface, xp.where(finite, stat, xp.inf)
+    return best, chi2_best, amp, err, surface, xp.where(finite, stat, xp.inf), scale
 
 
 def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
@@ -124,9 +125,9 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     xp, grid = mm.xp, mm.grid
     d, w, rms, usable, npix, flags = _prepare(xp, cuts, options)
     if options.statistic == "wls":
-        best, chi2_best, amp, err, chi2_u, stat_u = _fit_wls(xp, mm, d, w)
+        best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_wls(xp, mm, d, w)
     else:
-        best, chi2_best, amp, err, chi2_u, stat_u = _fit_dre(xp, mm, d, w, rms, usable, npix)
+        best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_dre(xp, mm, d, w, rms, usable, npix)
     inverse = xp.asarray(mm.inverse)
     chi2_full = to_host(chi2_u[:, inverse])
     stat_full = to_host(stat_u[:, inverse])
@@ -137,8 +138,13 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     if options.statistic == "wls":
         stat_full = stat_full / dof[:, None]
     cols = summarize(grid, chi2_full, stat_full, best_full)
+    cells, best_uv = window_cells(grid, mm.inverse, best_full)
+    cells_d = xp.asarray(cells)
+    flux = refined_flux(to_host(xp.take_along_axis(chi2_u, cells_d, axis=1)),
+                        to_host(xp.take_along_axis(amp_u, cells_d, axis=1)).astype(np.float64),
+                        best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
-                FLUX=to_host(amp), FLUX_ERR=to_host(err))
+                FLUX=flux, FLUX_ERR=_flux_error(to_host(err), chi2_full, to_host(amp_u[:, inverse])))
     flags |= cols.pop("EDGE_FLAGS")
     flags |= np.where(~np.isfinite(cols["CHI2"]), int(FitFlag.FIT_FAILED), 0)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
@@ -146,6 +152,18 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     _fill_unfitted(cols)
     cols["SURFACE"] = stat_full.astype(np.float32)
     return cols
+
+
+def _flux_error(err_fixed, chi2_full, amp_full):
+    """Flux error: the fixed-shape error and the spread of the amplitude over the grid posterior.
+
+    The fixed-shape error alone ignores that radius and flux are degenerate; adding the posterior
+    variance of the amplitude (weights exp(-dchi2/2), as for the shape errors) accounts for it.
+    """
+    p = posterior_weights(chi2_full)
+    mean = (p * amp_full).sum(axis=1)
+    var = np.maximum((p * amp_full ** 2).sum(axis=1) - mean ** 2, 0.0)
+    return np.sqrt(err_fixed ** 2 + var)
 
 
 def _fill_unfitted(cols):

@@ -18,7 +18,7 @@ from ..errors import InputError
 from ..io.catalog import find_catalog, offsets_from_catalog, read_catalog
 from ..io.cuts import read_cuts
 from ..io.outputs import mosaic_panels, summary_table, write_chi, write_mosaic, write_summary
-from ..models.convolve import ConvolvedCubeCache
+from ..models.convolve import ConvolvedCubeCache, remove_pixel_response
 from ..models.psf import image_stem, psf_path_for_image, read_psf
 from .backend import get_backend
 from .engine import FitOptions, ModelMatrix, fit_cutouts
@@ -66,14 +66,18 @@ def psf_index(ext_number: int) -> int:
 class CubeModels:
     """A model cube and its convolutions, shared by every tile of a run (one copy per process)."""
 
-    def __init__(self, cube, grid, cube_key, backend="cpu", workers=None):
+    def __init__(self, cube, grid, cube_key, backend="cpu", workers=None, psf_has_pixel=True):
         self.grid, self.key, self.workers = grid, cube_key, workers
+        self.psf_has_pixel = psf_has_pixel
         representatives, _ = grid.unique_models()
         self.unique = np.ascontiguousarray(cube.reshape((grid.size,) + cube.shape[-2:])[representatives])
         self.xp = get_backend(backend)
         self.cache = ConvolvedCubeCache(max_entries=1)
 
     def for_psf(self, psf) -> ModelMatrix:
+        """The models convolved with ``psf`` (its pixel response removed first when it has one)."""
+        if self.psf_has_pixel:
+            psf = remove_pixel_response(psf)
         convolved = self.cache.get(self.key, self.unique, psf, workers=self.workers)
         return ModelMatrix(self.xp, self.grid, convolved)
 

@@ -69,7 +69,9 @@ def detect_layout(h5, source) -> str:
     if h5.attrs.get("layout") == STACKED_LAYOUT:
         return "stacked"
     groups = list(h5.keys())
-    if groups and all(isinstance(h5[g], h5py.Group) and {"obj", "seg", "rms"} <= set(h5[g]) for g in groups[:3]):
+    # groups holding some of obj/seg/rms are DRE groups; one that lacks a dataset is reported by name
+    # when it is read, rather than calling the whole file "not a cuts file"
+    if groups and all(isinstance(h5[g], h5py.Group) and {"obj", "seg", "rms"} & set(h5[g]) for g in groups[:3]):
         return "dre"
     if not groups:
         return "empty"
@@ -91,10 +93,9 @@ def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128)
         if layout == "stacked":
             cuts = _read_stacked(h5, path, start, stop)
         elif layout == "dre":
-            cuts = _read_dre(h5, path, start, stop)
+            cuts = _read_dre(h5, path, start, stop, boxsize)
         else:
-            cuts = CutoutSet(*(np.zeros((0, boxsize, boxsize), t) for t in ("f4", "?", "f4")),
-                             empty_objects(0), str(path))
+            cuts = _empty_set(path, boxsize)
     _check_shapes(cuts, path, boxsize)
     return cuts
 
@@ -125,8 +126,15 @@ def _read_stacked(h5, path, start, stop) -> CutoutSet:
     return cuts
 
 
-def _read_dre(h5, path, start, stop) -> CutoutSet:
+def _empty_set(path, boxsize) -> CutoutSet:
+    return CutoutSet(*(np.zeros((0, boxsize, boxsize), t) for t in ("f4", "?", "f4")),
+                     empty_objects(0), str(path))
+
+
+def _read_dre(h5, path, start, stop, boxsize) -> CutoutSet:
     names = sorted(h5.keys())[start:stop]
+    if not names:                 # an empty selection (e.g. start >= the number of objects)
+        return _empty_set(path, boxsize)
     table = empty_objects(len(names))
     arrays = {"obj": [], "seg": [], "rms": []}
     for i, name in enumerate(names):

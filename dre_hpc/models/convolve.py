@@ -244,3 +244,25 @@ def get_convolved(cube_key: str, stamps, psf, cache_dir=None, workers=None) -> n
     ``paths.cache_dir() / "convolved"``, None (default) for memory only.
     """
     return DEFAULT_CACHE.get(cube_key, stamps, psf, workers=workers, cache_dir=cache_dir)
+
+
+def remove_pixel_response(psf, pad: int = 4) -> np.ndarray:
+    """Divide the pixel's box response out of a pixel-integrated ("effective") PSF.
+
+    PSFEx fits pixelated stars, so its PSF already contains one pixel box; the model stamps are
+    pixel-integrated too, and convolving the two would count the pixel twice (a blur of 1/12 px^2
+    per axis that biases radii low by about 0.02 dex and fluxes by about 2 % for compact galaxies).
+    In Fourier space the box is sinc(kx) sinc(ky), which stays above 2/pi inside the band of a
+    sampled image, so the division is stable. The result is renormalised to unit sum.
+    """
+    psf = np.asarray(psf, dtype=np.float64)
+    ny, nx = psf.shape
+    size = pad * max(ny, nx) + 1
+    big = np.zeros((size, size))
+    c = size // 2
+    big[c - ny // 2:c - ny // 2 + ny, c - nx // 2:c - nx // 2 + nx] = psf
+    freq = np.fft.fftfreq(size)
+    box = np.sinc(freq)[:, None] * np.sinc(freq)[None, :]
+    sharp = np.fft.fftshift(np.fft.ifft2(np.fft.fft2(np.fft.ifftshift(big)) / box).real)
+    sharp = sharp[c - ny // 2:c - ny // 2 + ny, c - nx // 2:c - nx // 2 + nx]
+    return sharp / sharp.sum()

@@ -1,0 +1,193 @@
+"""Model cubes on disk, in the original DRE FITS layout (read and written exactly).
+
+The primary HDU holds float32 data of shape ``([NINDEX,] NAXRAT, NPOSANG*BOXSIZE, NLOGH*BOXSIZE)``:
+for each (index, axis ratio) plane, angle tiles run down the rows and radius tiles across the columns.
+The grid keys (see :meth:`ModelGrid.to_header_cards`) sit in the primary header, so the original
+loader, ``fits.getdata(f).reshape(NAXRAT, NPOSANG, BOXSIZE, NLOGH, BOXSIZE).swapaxes(2, 3)`` (with a
+leading NINDEX when present), recovers the stamps as (q, angle, logr, y, x). In memory dre_hpc always
+uses ``(n, q, angle, logr, y, x)``. A few documenting keys of our own describe the conventions; the
+original loader ignores them.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from ..errors import CubeFormatError, InputError
+from .grid import AXIS_KEYS, ModelGrid
+
+GRID_KEYS = tuple(k for keys in AXIS_KEYS.values() for k in keys) + ("BOXSIZE",)
+
+
+def convention_cards(grid: ModelGrid) -> list:
+    """Documenting (key, value, comment) cards: centre, radius and angle definitions, flux scale."""
+    return [
+        ("MODELPRF", "SERSIC", "pixel-integrated elliptical Sersic models"),
+        ("CENTPIX", grid.centre + 1, "model centre: this FITS pixel of a tile"),
+        ("RADDEF", "HLR_MAJOR", "LOGH: log10 major-axis half-light radius, px"),
+        ("ANGDEF", "CCW_FROM_X", "POSANG: major axis, deg from +x towards +y"),
+        ("FLUXNORM", "UNIT_TOTAL", "model flux is 1; tiles may sum to < 1"),
+        ("TILEAXES", "ANG_ROWS_LOGH_COLS", "angle tiles down rows, radius tiles across"),
+    ]
+
+
+def to_disk_layout(cube: np.ndarray, grid: ModelGrid) -> np.ndarray:
+    """``(n, q, angle, logr, y, x)`` stamps to the tiled on-disk float32 array."""
+    nn, nq, na, nr, box, _ = cube.shape
+    tiles = np.ascontiguousarray(cube.transpose(0, 1, 2, 4, 3, 5), dtype=np.float32)
+    tiles = tiles.reshape(nn, nq, na * box, nr * box)
+    return tiles if grid.has_index_axis else tiles[0]
+
+
+def from_disk_layout(data: np.ndarray, grid: ModelGrid) -> np.ndarray:
+    """The tiled on-disk array to C-contiguous native float32 ``(n, q, angle, logr, y, x)`` stamps."""
+    nn, nq, na, nr = grid.shape
+    box = grid.boxsize
+    cube = np.asarray(data).reshape(nn, nq, na, box, nr, box).swapaxes(3, 4)
+    return np.ascontiguousarray(cube, dtype=np.float32)
+
+
+def write_cube(path, cube, grid: ModelGrid, overwrite: bool = False, extra_cards=()) -> Path:
+    """Write stamps ``grid.shape + (boxsize, boxsize)`` as a DRE model cube, atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output FITS file (a ``.gz`` name is compressed by astropy).
+    cube : array_like
+        Stamps, shape ``grid.shape + (grid.boxsize, grid.boxsize)``.
+    grid : ModelGrid
+        The grid; without an index axis the file is 3-D, has no NINDEX keys and means n = 4.
+    overwrite : bool
+        Replace an existing file.
+    extra_cards : iterable of (key, value, comment)
+        More header cards (e.g. the generator version).
+
+    Returns
+    -------
+    Path
+        The written file.
+    """
+    path = Path(path)
+    cube = np.asarray(cube)
+    _check_writable(path, cube, grid, overwrite)
+    hdu = fits.PrimaryHDU(to_disk_layout(cube, grid))
+    for key, value, comment in list(grid.to_header_cards()) + convention_cards(grid) + list(extra_cards):
+        hdu.header[key] = (value, comment)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        hdu.writeto(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"cannot write model cube {path}: {exc}") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _check_writable(path: Path, cube: np.ndarray, grid: ModelGrid, overwrite: bool):
+    expected = grid.shape + (grid.boxsize, grid.boxsize)
+    if cube.shape != expected:
+        raise CubeFormatError(f"{path}: cube shape {cube.shape} does not match the grid, "
+                              f"expected {expected} = (n, q, angle, logr, y, x)")
+    if not grid.has_index_axis and (grid.index.count != 1 or abs(grid.index.start - 4.0) > 1e-9):
+        raise CubeFormatError(f"{path}: a cube without the NINDEX axis means n = 4 only, but the grid "
+                              f"has n = {grid.index.values.tolist()}; write it with the index axis")
+    if not np.all(np.isfinite(cube)):
+        raise CubeFormatError(f"{path}: refusing to write a cube with non-finite values")
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} already exists; use overwrite (--overwrite) to replace it")
+    if not path.parent.is_dir():
+        raise InputError(f"cannot write model cube {path}: directory {path.parent} does not exist")
+
+
+def read_cube(path):
+    """Read a DRE model cube.
+
+    The data come from the first HDU with image data; the grid keys from the primary header, or from
+    that HDU for keys the primary header lacks.
+
+    Returns
+    -------
+    cube : ndarray of float32, shape (n, q, angle, logr, y, x)
+    grid : ModelGrid
+
+    Raises
+    ------
+    InputError
+        The file is missing or is not readable FITS.
+    CubeFormatError
+        Keys are missing, the data shape does not match them, or values are not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"model cube {path} not found" if not path.exists()
+                         else f"model cube {path} is not a file")
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            hdu = _first_image_hdu(hdul, path)
+            header = _grid_header(hdul[0].header, hdu.header)
+            data = np.asarray(hdu.data)
+    except (OSError, ValueError, TypeError, IndexError) as exc:
+        raise InputError(f"cannot read model cube {path} as FITS: {exc}") from exc
+    grid = ModelGrid.from_header(header, source=str(path))
+    data = _match_shape(data, grid, path)
+    _check_finite(data, grid, path)
+    return from_disk_layout(data, grid), grid
+
+
+def _first_image_hdu(hdul, path):
+    for hdu in hdul:
+        if hdu.is_image and hdu.header.get("NAXIS", 0) > 0 and hdu.data is not None and hdu.data.size:
+            return hdu
+    raise CubeFormatError(f"{path}: no HDU holds image data (a model cube needs one)")
+
+
+def _grid_header(primary, data_header) -> dict:
+    """Grid keys from the primary header, falling back to the data HDU's header."""
+    merged = {}
+    for key in GRID_KEYS:
+        for header in (primary, data_header):
+            if key in header:
+                merged[key] = header[key]
+                break
+    return merged
+
+
+def _match_shape(data, grid, path):
+    box = grid.boxsize
+    expected = (grid.shape[1], grid.shape[2] * box, grid.shape[3] * box)
+    if grid.has_index_axis:
+        expected = (grid.shape[0],) + expected
+
+    def strip(shape):  # leading length-1 axes do not change the layout
+        shape = tuple(shape)
+        while len(shape) > 1 and shape[0] == 1:
+            shape = shape[1:]
+        return shape
+
+    if strip(data.shape) != strip(expected):
+        layout = "NINDEX, NAXRAT, NPOSANG*BOXSIZE, NLOGH*BOXSIZE" if grid.has_index_axis \
+            else "NAXRAT, NPOSANG*BOXSIZE, NLOGH*BOXSIZE"
+        raise CubeFormatError(f"{path}: data shape {tuple(data.shape)} does not match the header "
+                              f"keys: expected {expected} = ({layout})")
+    if not np.issubdtype(data.dtype, np.number):
+        raise CubeFormatError(f"{path}: model data have non-numeric type {data.dtype}")
+    return data.reshape(expected)
+
+
+def _check_finite(data, grid, path):
+    bad = ~np.isfinite(data)
+    if bad.any():
+        first = np.unravel_index(np.flatnonzero(bad)[0], data.shape)
+        n = int(first[0]) if grid.has_index_axis else 0
+        q, row, col = (int(i) for i in first[-3:])
+        raise CubeFormatError(
+            f"{path}: {int(bad.sum())} non-finite value(s) in the model data, the first in model "
+            f"(index, ax_ratio, angle, logr) = ({n}, {q}, {row // grid.boxsize}, {col // grid.boxsize})")

@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated cache, the default model cube, simulated cutouts with truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Tests never read or write the user's cache: DRE_HPC_CACHE points to a session directory."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("dre_cache")
+    mp.setenv("DRE_HPC_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def default_cube_file(isolated_cache):
+    """The default cube, generated once per test session into the isolated cache."""
+    from dre_hpc.models.generate import ensure_default_cube
+    return ensure_default_cube()
+
+
+@pytest.fixture(scope="session")
+def default_cube(default_cube_file):
+    from dre_hpc.models.cube_io import read_cube
+    return read_cube(default_cube_file)
+
+
+@pytest.fixture(scope="session")
+def default_models(default_cube, default_cube_file):
+    """CubeModels of the default cube on the CPU backend."""
+    from dre_hpc.fit.tiles import CubeModels
+    cube, grid = default_cube
+    return CubeModels(cube, grid, str(default_cube_file))
+
+
+@pytest.fixture(scope="session")
+def sim_galaxies():
+    """100 de Vaucouleurs galaxies with known truth, S/N 50-200, random sub-pixel centres."""
+    from dre_hpc.sim.cutouts import SimSpec, simulate_cutouts
+    spec = SimSpec(n_objects=100, seed=2026)
+    cuts, truth, psf = simulate_cutouts(spec)
+    return cuts, truth, psf
+
