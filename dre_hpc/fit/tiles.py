@@ -96,7 +96,7 @@ def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
     start = time.perf_counter()
     results = _fit_by_extension(models, cuts, psf_file, job)
     elapsed = time.perf_counter() - start
-    meta = {"DRE_VER": __version__, "STATISTIC": job.options.statistic, "PSF": str(psf_file)[-60:],
+    meta = {"DRE_VER": __version__, "STATISTC": job.options.statistic, "PSF": str(psf_file)[-60:],
             "GAIN": job.options.gain if job.options.gain else "none",
             "ZEROPT": job.zero_point if job.zero_point is not None else "none"}
     write_summary(Path(job.summary_dir) / f"{name}_dre.fits",
