@@ -140,11 +140,12 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     cols = summarize(grid, chi2_full, stat_full, best_full)
     cells, best_uv = window_cells(grid, mm.inverse, best_full)
     cells_d = xp.asarray(cells)
-    flux = refined_flux(to_host(xp.take_along_axis(chi2_u, cells_d, axis=1)),
+    flux, var_ln_shape = refined_flux(to_host(xp.take_along_axis(chi2_u, cells_d, axis=1)),
                         to_host(xp.take_along_axis(amp_u, cells_d, axis=1)).astype(np.float64),
                         best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
-                FLUX=flux, FLUX_ERR=_flux_error(to_host(err), chi2_full, to_host(amp_u[:, inverse])))
+                FLUX=flux, FLUX_ERR=_flux_error(flux, to_host(err), var_ln_shape, chi2_full,
+                                                 to_host(amp_u[:, inverse])))
     flags |= cols.pop("EDGE_FLAGS")
     flags |= np.where(~np.isfinite(cols["CHI2"]), int(FitFlag.FIT_FAILED), 0)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
@@ -154,16 +155,18 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     return cols
 
 
-def _flux_error(err_fixed, chi2_full, amp_full):
-    """Flux error: the fixed-shape error and the spread of the amplitude over the grid posterior.
+def _flux_error(flux, err_fixed, var_ln_shape, chi2_full, amp_full):
+    """Flux error: the fixed-shape error plus the part due to the shape's uncertainty.
 
-    The fixed-shape error alone ignores that radius and flux are degenerate; adding the posterior
-    variance of the amplitude (weights exp(-dchi2/2), as for the shape errors) accounts for it.
+    Radius, axis ratio and flux are degenerate, so the fixed-shape error alone is too small. The
+    shape part is propagated through the local chi-square quadratic (`refined_flux`) where it has
+    a minimum, else taken as the spread of the amplitude over the grid posterior exp(-dchi2/2).
     """
     p = posterior_weights(chi2_full)
     mean = (p * amp_full).sum(axis=1)
-    var = np.maximum((p * amp_full ** 2).sum(axis=1) - mean ** 2, 0.0)
-    return np.sqrt(err_fixed ** 2 + var)
+    var_post = np.maximum((p * amp_full ** 2).sum(axis=1) - mean ** 2, 0.0)
+    var_shape = np.where(np.isfinite(var_ln_shape), flux ** 2 * var_ln_shape, var_post)
+    return np.sqrt(err_fixed ** 2 + var_shape)
 
 
 def _fill_unfitted(cols):

@@ -38,14 +38,17 @@ def window_cells(grid, inverse, best_full):
 
 
 def _vertex_2d(chi2_9):
+    """Vertex (N, 2), its validity, and the inverse Hessian (N, 2, 2) of the chi-square quadratic."""
     c = chi2_9 @ _SOLVE.T                                   # (N, 6): 1, u, v, uu, vv, uv
     h = np.stack([np.stack([2 * c[:, 3], c[:, 5]], -1), np.stack([c[:, 5], 2 * c[:, 4]], -1)], -2)
     det = h[:, 0, 0] * h[:, 1, 1] - h[:, 0, 1] ** 2
     ok = (h[:, 0, 0] > 0) & (det > 0)
     safe = np.where(ok, det, 1.0)
-    u = -(h[:, 1, 1] * c[:, 1] - h[:, 0, 1] * c[:, 2]) / safe
-    v = -(-h[:, 0, 1] * c[:, 1] + h[:, 0, 0] * c[:, 2]) / safe
-    return np.stack([u, v], 1), ok & (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    h_inv = np.stack([np.stack([h[:, 1, 1], -h[:, 0, 1]], -1), np.stack([-h[:, 0, 1], h[:, 0, 0]], -1)], -2)
+    h_inv = h_inv / safe[:, None, None]
+    u = -(h_inv[:, 0, 0] * c[:, 1] + h_inv[:, 0, 1] * c[:, 2])
+    v = -(h_inv[:, 1, 0] * c[:, 1] + h_inv[:, 1, 1] * c[:, 2])
+    return np.stack([u, v], 1), ok & (np.abs(u) <= 1) & (np.abs(v) <= 1), h_inv
 
 
 def _vertex_radius(chi2_9, best_uv):
@@ -60,16 +63,25 @@ def _vertex_radius(chi2_9, best_uv):
 
 
 def refined_flux(chi2_9, amp_9, best_uv, fallback):
-    """FLUX at the chi-square vertex; ``fallback`` (the best cell's amplitude) where undefined."""
+    """FLUX at the chi-square vertex; ``fallback`` (the best cell's amplitude) where undefined.
+
+    Also returns the variance of ln(FLUX) due to the shape: g^T (2 H^-1) g, with g the gradient of
+    ln(amplitude) at the vertex and H the Hessian of the chi-square (the covariance of (b/a, log r)
+    is 2 H^-1); NaN where the 2-D vertex is not a minimum inside the window.
+    """
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         positive = np.all(amp_9 > 0, axis=1) & np.all(np.isfinite(chi2_9), axis=1)
         chi2 = np.where(positive[:, None], chi2_9, 0.0)
         ln_amp = np.log(np.where(positive[:, None], amp_9, 1.0)) @ _SOLVE.T
-        uv2, ok2 = _vertex_2d(chi2)
+        uv2, ok2, h_inv = _vertex_2d(chi2)
         uv1, ok1 = _vertex_radius(chi2, best_uv)
         uv = np.where(ok2[:, None], uv2, uv1)
         u, v = uv[:, 0], uv[:, 1]
         basis = np.stack([np.ones_like(u), u, v, u * u, v * v, u * v], 1)
         flux = np.exp((ln_amp * basis).sum(1))
+        grad = np.stack([ln_amp[:, 1] + 2 * ln_amp[:, 3] * u + ln_amp[:, 5] * v,
+                         ln_amp[:, 2] + 2 * ln_amp[:, 4] * v + ln_amp[:, 5] * u], 1)
+        var_shape = 2 * np.einsum("ni,nij,nj->n", grad, h_inv, grad)
     ok = positive & (ok2 | ok1) & np.isfinite(flux)
-    return np.where(ok, flux, fallback)
+    var_shape = np.where(positive & ok2 & (var_shape >= 0), var_shape, np.nan)
+    return np.where(ok, flux, fallback), var_shape
