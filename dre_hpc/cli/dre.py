@@ -74,6 +74,11 @@ def drive(argv=None) -> int:
         warnings.filterwarnings("ignore", category=RuntimeWarning)
     if args.chunk < 1 or args.cpu < 1:
         raise InputError("--chunk and --cpu must be >= 1")
+    if args.mosaics and args.mosaic_png:          # say so now, not after the fits
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--mosaic-png needs matplotlib: pip install 'dre_hpc[plots]'") from None
     options = FitOptions(statistic=args.statistic, gain=args.gain, min_pixels=args.min_pixels,
                          batch_size=args.chunk, centre=not args.no_centre)
     job = TileJob(cuts=args.input, psf=args.psf, summary_dir=args.output, chi_dir=args.chi,

@@ -76,34 +76,26 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     return top[rows, pick], chi[rows, pick], amp[rows, pick], err
 
 
-def dre_chi_one(xp, data, rms, pixels, models):
+def dre_chi_one(xp, data, rms, pixels, models, models_t=None):
     """The original DRE statistic of one object against every model, on the mask's pixels.
 
     ``s_k = sum_S d / sum_S m_k``; ``chi_k = mean_S (d - s_k m_k)^2 / (s_k m_k + rms^2)`` over
-    the finite terms (the original's nanmean). Float32, one pass per model block.
+    the finite terms (the original's nanmean). Float32 terms and block sums, float64 across
+    blocks; computed on the transposed (P, K) model matrix in cache-sized blocks of pixels
+    (see `dre_kernel`); models whose sum is not finite are redone in float64.
 
     Parameters
     ----------
-    data, rms : (P,) float32 arrays of the object (flattened cutout).
+    data, rms : (P,) float32 arrays of the object (flattened cutout), finite on ``pixels``.
     pixels : (S,) int array, flat indices of the mask's usable pixels.
     models : (K, P) float32 convolved models.
+    models_t : optional (P, K) C-contiguous copy of ``models.T``; made once and cached if omitted.
 
     Returns
     -------
     chi : (K,) float32 (NaN where undefined); scale : (K,) float32 (the s_k).
     """
-    d = data[pixels]
-    var = rms[pixels] ** 2
-    m = models[:, pixels]                                    # (K, S) gather, the only copy
-    scale = d.sum(dtype=xp.float64) / m.sum(axis=1, dtype=xp.float64)
-    scale = scale.astype(xp.float32)
-    m *= scale[:, None]                                      # m is now the scaled model
-    resid = d[None, :] - m
-    resid *= resid
-    m += var[None, :]
-    resid /= m
-    finite = xp.isfinite(resid)
-    count = finite.sum(axis=1)
-    total = xp.where(finite, resid, 0).sum(axis=1, dtype=xp.float64)
-    chi = xp.where(count > 0, total / xp.maximum(count, 1), xp.nan).astype(xp.float32)
-    return chi, scale
+    from .dre_kernel import dre_chi_t, transposed_models
+    if models_t is None:
+        models_t = transposed_models(xp, models)
+    return dre_chi_t(xp, data, rms, pixels, models_t)

@@ -52,7 +52,6 @@ class ModelMatrix:
         self.xp, self.grid = xp, grid
         self.host = np.ascontiguousarray(convolved_unique, dtype=np.float32)
         self.models = xp.asarray(self.host.reshape(representatives.size, -1))
-        self.models_sq = self.models * self.models
 
     def stamp(self, full_index: int) -> np.ndarray:
         """The convolved model (B, B) of a full-grid cell, on the host."""
@@ -92,8 +91,13 @@ def _prepare(xp, cuts, options):
 
 
 def _fit_wls(xp, mm, d, w):
-    chi2, amp_all = wls_chi2(xp, d, w, mm.models, mm.models_sq)
-    best, chi2_best, amp, err = recheck_wls(xp, d, w, mm.models, chi2)
+    # Pixels with zero weight for every object of the batch add nothing: the products run over the
+    # union of the batch's usable pixels only (typically a tenth of the stamp).
+    used = xp.flatnonzero((w > 0).any(axis=0))
+    d, w = d[:, used], w[:, used]
+    models = mm.models[:, used]
+    chi2, amp_all = wls_chi2(xp, d, w, models, models * models)
+    best, chi2_best, amp, err = recheck_wls(xp, d, w, models, chi2)
     surface = chi2.astype(xp.float64)
     surface[xp.arange(d.shape[0]), best] = chi2_best      # exact value at the chosen model
     return best, chi2_best, amp, err, surface, surface, amp_all

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table
+from astropy.table import Table, TableMergeError, vstack
 
 from ..errors import InputError
 
@@ -22,16 +22,21 @@ def find_catalog(catalogs_dir, name) -> Path | None:
 
 
 def read_catalog(path) -> Table:
-    """The object table of a catalogue: HDU ``LDAC_OBJECTS`` (FITS_LDAC) or the first table HDU."""
+    """The object table of a catalogue: HDU ``LDAC_OBJECTS`` (FITS_LDAC) or the first table HDU.
+
+    A FITS_LDAC catalogue of a multi-extension image has one ``LDAC_OBJECTS`` HDU per image
+    extension: they are stacked in file order.
+    """
     try:
         with fits.open(path, memmap=False) as hdul:
-            hdu = next((h for h in hdul if h.name == "LDAC_OBJECTS"), None)
-            if hdu is None:
-                hdu = next((h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))), None)
-            if hdu is None:
+            hdus = [h for h in hdul if h.name == "LDAC_OBJECTS"]
+            if not hdus:
+                hdus = [h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))][:1]
+            if not hdus:
                 raise InputError(f"catalogue {path}: no LDAC_OBJECTS or table HDU")
-            table = Table(hdu.data)
-    except (OSError, ValueError) as exc:
+            tables = [Table(h.data) for h in hdus]
+            table = tables[0] if len(tables) == 1 else vstack(tables, join_type="exact")
+    except (OSError, ValueError, TableMergeError) as exc:
         raise InputError(f"catalogue {path}: cannot be read as FITS ({exc})") from None
     if "NUMBER" not in table.colnames:
         raise InputError(f"catalogue {path}: no NUMBER column; a SExtractor catalogue is expected")
@@ -39,7 +44,10 @@ def read_catalog(path) -> Table:
 
 
 def offsets_from_catalog(objects, table, boxsize=128) -> int:
-    """Fill DX/DY (and X_IMAGE/Y_IMAGE) of DRE-layout cutouts from catalogue positions.
+    """Fill the unknown DX/DY (and X_IMAGE/Y_IMAGE) of cutouts from catalogue positions.
+
+    Only rows whose DX or DY is NaN (the DRE layout stores no positions) are filled; offsets
+    that the cuts file holds are kept.
 
     The original make_cuts cut with astropy ``Cutout2D`` at the 0-based position X_IMAGE - 1, whose
     first pixel is ``ceil(p - B/2)``: the object sits at ``p - ceil(p - B/2)`` in the cut, in (63, 64]
@@ -51,9 +59,11 @@ def offsets_from_catalog(objects, table, boxsize=128) -> int:
     lookup = {}
     for i, number in enumerate(np.asarray(table["NUMBER"])):
         ext = int(table["EXT_NUMBER"][i]) if has_ext else 0
-        lookup[(ext, int(number))] = i
+        lookup.setdefault((ext, int(number)), i)      # the first row of a repeated id, like the join
     matched = 0
     for row in objects:
+        if np.isfinite(row["DX"]) and np.isfinite(row["DY"]):
+            continue                     # a position the cuts file knows is kept (stacked layout)
         key = (int(row["EXT_NUMBER"]), int(row["NUMBER"]))
         i = lookup.get(key, lookup.get((0, key[1])) if not has_ext else None)
         if i is None:

@@ -5,14 +5,18 @@ Every file is written under a temporary name and renamed, so a reader never sees
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import h5py
 import numpy as np
 from astropy.io import fits
-from astropy.table import Table, join
+from astropy.table import Table, join, unique
 
+from ..errors import DreError
 from .cuts import COMPRESSION
+
+log = logging.getLogger(__name__)
 
 #: The original DRE columns, in its order, then ours.
 ORIGINAL_COLUMNS = ["ROW", "MODEL_IDX", "CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR",
@@ -66,32 +70,58 @@ def _join_catalog(table: Table, catalog: Table) -> Table:
             catalog.rename_column(name, CATALOG_PREFIX + name)
     if "EXT_NUMBER" not in keys:
         catalog = catalog.copy()
+    if len(catalog) and len(unique(catalog, keys=keys)) < len(catalog):
+        # e.g. a multi-extension catalogue without EXT_NUMBER: a left join would repeat summary
+        # rows, so the first catalogue row of each id is kept (one summary row per cut)
+        log.warning("catalogue has repeated %s values: joining the first row of each", "/".join(keys))
+        catalog = unique(catalog, keys=keys, keep="first")
+    if len(table) == 0:           # astropy's join refuses empty tables: add the columns, empty
+        for name in catalog.colnames:
+            if name not in keys:
+                table[name] = catalog[name][:0]
+        return table
     joined = join(table, catalog, keys=keys, join_type="left")
     joined.sort("ROW")
     return joined
 
 
+class _writing:
+    """Turn an OSError while writing ``path`` (a file where a directory is needed, no permission, a
+    full disk) into a one-line `DreError` naming the file."""
+
+    def __init__(self, path, what):
+        self.path, self.what = Path(path), what
+
+    def __enter__(self):
+        return self.path
+
+    def __exit__(self, kind, exc, tb):
+        if kind is not None and issubclass(kind, OSError):
+            raise DreError(f"cannot write {self.what} {self.path}: {exc}") from None
+        return False
+
+
 def write_summary(path, table: Table) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    table.write(tmp, format="fits", overwrite=True)
-    tmp.replace(path)
+    with _writing(path, "summary") as path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        table.write(tmp, format="fits", overwrite=True)
+        tmp.replace(path)
 
 
 def write_chi(path, names, surfaces, grid, statistic: str, compression: str = "medium") -> None:
     """One float32 dataset per object, shape (NINDEX, NAXRAT, NPOSANG, NLOGH), named like its cut."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     opts = COMPRESSION[compression]
-    with h5py.File(tmp, "w") as h5:
-        h5.attrs["statistic"] = statistic
-        for key, value, _ in grid.to_header_cards():
-            h5.attrs[key] = value
-        for name, surface in zip(names, surfaces):
-            h5.create_dataset(name, data=surface.reshape(grid.shape).astype(np.float32), **opts)
-    tmp.replace(path)
+    with _writing(path, "chi-square file") as path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs["statistic"] = statistic
+            for key, value, _ in grid.to_header_cards():
+                h5.attrs[key] = value
+            for name, surface in zip(names, surfaces):
+                h5.create_dataset(name, data=surface.reshape(grid.shape).astype(np.float32), **opts)
+        tmp.replace(path)
 
 
 def mosaic_panels(data, mask, model, flux) -> np.ndarray:
@@ -102,21 +132,24 @@ def mosaic_panels(data, mask, model, flux) -> np.ndarray:
 
 
 def write_mosaic(path, panels, header_cards=(), png=False) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = fits.Header()
     for key, value in header_cards:
         header[key] = value
     header["PANELS"] = ("DATA,MASK,MODEL,RESID", "left to right")
-    tmp = path.with_name(path.name + ".tmp")
-    fits.PrimaryHDU(panels, header=header).writeto(tmp, overwrite=True)
-    tmp.replace(path)
-    if png:
-        _write_png(path.with_suffix(".png"), panels)
+    with _writing(path, "mosaic") as path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        fits.PrimaryHDU(panels, header=header).writeto(tmp, overwrite=True)
+        tmp.replace(path)
+        if png:
+            _write_png(path.with_suffix(".png"), panels)
 
 
 def _write_png(path, panels):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise DreError("mosaic PNGs need matplotlib: pip install 'dre_hpc[plots]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     b = panels.shape[0]
