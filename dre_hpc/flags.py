@@ -45,5 +45,6 @@ _DESCRIPTIONS = {
     "CUT_PADDED": "the cutout reached the image edge and was padded (from the cuts file)",
 }
 
-#: Flags after which the parameters are fill values, not measurements.
-UNFITTED = FitFlag.FIT_FAILED | FitFlag.EMPTY_MASK | FitFlag.FEW_PIXELS
+#: Flags after which the parameters are fill values, not measurements (no positive model fits an
+#: object whose best flux is <= 0, so its shape is not measured either).
+UNFITTED = FitFlag.FIT_FAILED | FitFlag.EMPTY_MASK | FitFlag.FEW_PIXELS | FitFlag.NONPOSITIVE_FLUX

@@ -23,7 +23,7 @@ from astropy.table import Table
 
 from dre_hpc.cli.dre import main
 from dre_hpc.fit.centering import centre_cutouts
-from dre_hpc.io.cuts import read_cuts, write_cuts
+from dre_hpc.io.cuts import write_cuts
 from dre_hpc.preprocess.masks import clean_mask
 from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
 

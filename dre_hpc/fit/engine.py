@@ -150,9 +150,10 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
                 FLUX=flux, FLUX_ERR=_flux_error(flux, to_host(err), var_ln_shape, chi2_full,
                                                  to_host(amp_u[:, inverse])))
-    flags |= cols.pop("EDGE_FLAGS")
-    flags |= np.where(~np.isfinite(cols["CHI2"]), int(FitFlag.FIT_FAILED), 0)
+    no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
+    flags |= np.where(no_model, int(FitFlag.FIT_FAILED), 0)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
+    flags |= np.where((flags & int(UNFITTED)) == 0, cols.pop("EDGE_FLAGS"), 0)
     cols["FLAGS"] = flags.astype(np.int64)
     _fill_unfitted(cols)
     cols["SURFACE"] = stat_full.astype(np.float32)
