@@ -1,9 +1,35 @@
 """Small helpers shared by the tests."""
 
 import numpy as np
+from astropy.io import fits
 
 
 def angle_distance(a, b):
     """Distance between position angles of period 180 degrees."""
     d = np.mod(np.asarray(a) - np.asarray(b), 180.0)
     return np.minimum(d, 180.0 - d)
+
+
+def psfex_hdu(components, accepted=10, samp=1.0):
+    """One PSF_DATA HDU as PSFEx writes it; `components` has shape (ncomp, ny, nx)."""
+    components = np.asarray(components, dtype=np.float32)
+    ncomp, ny, nx = components.shape
+    col = fits.Column(name="PSF_MASK", format=f"{components.size}E", dim=f"({nx}, {ny}, {ncomp})",
+                      array=components[None])
+    hdu = fits.BinTableHDU.from_columns([col])
+    hdr = hdu.header
+    hdr["EXTNAME"] = "PSF_DATA"
+    hdr["LOADED"], hdr["ACCEPTED"], hdr["CHI2"] = 30, accepted, 1.1
+    hdr["POLNAXIS"] = 2 if ncomp > 1 else 0
+    if ncomp > 1:
+        hdr["POLGRP1"], hdr["POLNAME1"], hdr["POLZERO1"], hdr["POLSCAL1"] = 1, "X_IMAGE", 1024.5, 2047.
+        hdr["POLGRP2"], hdr["POLNAME2"], hdr["POLZERO2"], hdr["POLSCAL2"] = 1, "Y_IMAGE", 1024.5, 2047.
+        hdr["POLNGRP"], hdr["POLDEG1"] = 1, 2
+    hdr["PSF_FWHM"], hdr["PSF_SAMP"] = 2.5, samp
+    hdr["PSFNAXIS"], hdr["PSFAXIS1"], hdr["PSFAXIS2"], hdr["PSFAXIS3"] = 3, nx, ny, ncomp
+    return hdu
+
+
+def write_psfex(path, hdus):
+    fits.HDUList([fits.PrimaryHDU()] + list(hdus)).writeto(path, overwrite=True)
+    return path

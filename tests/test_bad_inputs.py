@@ -19,6 +19,8 @@ from dre_hpc.flags import UNFITTED, FitFlag
 from dre_hpc.io.cuts import write_cuts
 from dre_hpc.sim.cutouts import SimSpec, simulate_cutouts
 
+from helpers import psfex_hdu, write_psfex
+
 IMG = "tile7"
 N = 9
 EDGE = int(FitFlag.EDGE_LOGR_MIN | FitFlag.EDGE_LOGR_MAX | FitFlag.EDGE_AX_RATIO_MIN | FitFlag.EDGE_INDEX)
@@ -100,14 +102,7 @@ def test_cube_missing_file_and_not_fits(tmp_path, workdir, capsys):
 
 def test_psfex_oversampled(tmp_path, workdir, sim, default_cube_file, capsys):
     _, _, psf = sim
-    col = fits.Column(name="PSF_MASK", format=f"{psf.size}E", dim=f"({psf.shape[1]}, {psf.shape[0]}, 1)",
-                      array=psf[None, None].astype(np.float32))
-    hdu = fits.BinTableHDU.from_columns([col])
-    hdu.header["EXTNAME"], hdu.header["ACCEPTED"], hdu.header["PSF_SAMP"] = "PSF_DATA", 20, 0.5
-    hdu.header["PSFNAXIS"], hdu.header["PSFAXIS1"], hdu.header["PSFAXIS2"], hdu.header["PSFAXIS3"] = \
-        3, psf.shape[1], psf.shape[0], 1
-    path = tmp_path / f"{IMG}.psf"
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    path = write_psfex(tmp_path / f"{IMG}.psf", [psfex_hdu(psf[None], accepted=20, samp=0.5)])
     args = base_args(workdir, default_cube_file, tmp_path)
     args[args.index("--psf") + 1] = path
     code, err = run(args, capsys)

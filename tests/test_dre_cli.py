@@ -27,7 +27,7 @@ from dre_hpc.io.cuts import write_cuts
 from dre_hpc.preprocess.masks import clean_mask
 from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
 
-from helpers import angle_distance
+from helpers import angle_distance, psfex_hdu, write_psfex
 
 IMG = "field1"
 B = 128
@@ -78,23 +78,9 @@ def simulate(n=N, seed=7):
 
 
 def psfex_file(path, psf, samp=1.0):
-    """A PSFEx ``.psf``: one PSF_DATA table whose PSF_MASK cell is (ncomp, ny, nx), constant term first."""
+    """A PSFEx ``.psf`` whose PSF_MASK cell is (3, ny, nx), the constant term first."""
     comps = np.concatenate([psf[None], np.random.default_rng(1).normal(0, 1e-4, (2,) + psf.shape)])
-    comps = comps.astype(np.float32)
-    ncomp, ny, nx = comps.shape
-    col = fits.Column(name="PSF_MASK", format=f"{comps.size}E", dim=f"({nx}, {ny}, {ncomp})",
-                      array=comps[None])
-    hdu = fits.BinTableHDU.from_columns([col])
-    hdr = hdu.header
-    hdr["EXTNAME"] = "PSF_DATA"
-    hdr["LOADED"], hdr["ACCEPTED"], hdr["CHI2"] = 40, 35, 1.05
-    hdr["POLNAXIS"], hdr["POLGRP1"], hdr["POLNAME1"], hdr["POLZERO1"], hdr["POLSCAL1"] = 2, 1, "X_IMAGE", 1000., 2000.
-    hdr["POLGRP2"], hdr["POLNAME2"], hdr["POLZERO2"], hdr["POLSCAL2"] = 1, "Y_IMAGE", 1000., 2000.
-    hdr["POLNGRP"], hdr["POLDEG1"] = 1, 1
-    hdr["PSF_FWHM"], hdr["PSF_SAMP"] = 2.5, samp
-    hdr["PSFNAXIS"], hdr["PSFAXIS1"], hdr["PSFAXIS2"], hdr["PSFAXIS3"] = 3, nx, ny, ncomp
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path, overwrite=True)
-    return path
+    return write_psfex(path, [psfex_hdu(comps, accepted=35, samp=samp)])
 
 
 def ldac_catalog(path, objects, ext_number=None):
