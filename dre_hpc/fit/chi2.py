@@ -43,6 +43,11 @@ def wls_chi2(xp, data, weights, models, models_sq):
     return chi2, amplitude
 
 
+def amplitude_error(xp, b):
+    """1-sigma error of a least-squares amplitude, 1 / sqrt(sum w m^2); inf where the model has no weight."""
+    return xp.where(b > 0, 1 / xp.sqrt(xp.where(b > 0, b, 1)), xp.inf)
+
+
 def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     """Pick the best model among the float32 top candidates with an exact float64 residual sum.
 
@@ -72,8 +77,7 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     pick = xp.argmin(chi, axis=1)
     rows = xp.arange(n_obj)
     b_best = b[rows, pick]
-    err = xp.where(b_best > 0, 1 / xp.sqrt(xp.where(b_best > 0, b_best, 1)), xp.inf)
-    return top[rows, pick], chi[rows, pick], amp[rows, pick], err
+    return top[rows, pick], chi[rows, pick], amp[rows, pick], amplitude_error(xp, b_best)
 
 
 def dre_chi_one(xp, data, rms, pixels, models, models_t=None):

@@ -15,7 +15,7 @@ from ..errors import DreError
 from ..flags import UNFITTED, FitFlag
 from .backend import to_host
 from .centering import centre_cutouts
-from .chi2 import dre_chi_one, recheck_wls, wls_chi2
+from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
 from .refine import refined_flux, window_cells
 from .summary import posterior_weights, summarize
 
@@ -46,12 +46,12 @@ class ModelMatrix:
 
     def __init__(self, xp, grid, convolved_unique):
         self.representatives, self.inverse = grid.unique_models()
-        representatives = self.representatives
-        if convolved_unique.shape[0] != representatives.size:
-            raise DreError(f"expected {representatives.size} unique convolved models, got {convolved_unique.shape[0]}")
+        k = self.representatives.size
+        if convolved_unique.shape[0] != k:
+            raise DreError(f"expected {k} unique convolved models, got {convolved_unique.shape[0]}")
         self.xp, self.grid = xp, grid
         self.host = np.ascontiguousarray(convolved_unique, dtype=np.float32)
-        self.models = xp.asarray(self.host.reshape(representatives.size, -1))
+        self.models = xp.asarray(self.host.reshape(k, -1))
 
     def stamp(self, full_index: int) -> np.ndarray:
         """The convolved model (B, B) of a full-grid cell, on the host."""
@@ -117,8 +117,7 @@ def _fit_dre(xp, mm, d, w, rms, usable, npix):
     amp = scale[rows, best].astype(xp.float64)
     resid = d.astype(xp.float64) - amp[:, None] * m
     chi2_best = (w * resid * resid).sum(axis=1)
-    b = (w * m * m).sum(axis=1)
-    err = xp.where(b > 0, 1 / xp.sqrt(xp.where(b > 0, b, 1)), xp.inf)
+    err = amplitude_error(xp, (w * m * m).sum(axis=1))
     stat = stat.astype(xp.float64)
     surface = xp.where(finite, stat * xp.asarray(npix)[:, None], xp.inf)
     return best, chi2_best, amp, err, surface, xp.where(finite, stat, xp.inf), scale
