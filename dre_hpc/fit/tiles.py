@@ -93,9 +93,7 @@ def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
     catalog = read_catalog(catalog_path) if catalog_path else None
     if catalog is not None and not np.isfinite(cuts.offsets).all():
         offsets_from_catalog(cuts.objects, catalog, models.grid.boxsize)
-    start = time.perf_counter()
-    results = _fit_by_extension(models, cuts, psf_file, job)
-    elapsed = time.perf_counter() - start
+    results, elapsed = _fit_by_extension(models, cuts, psf_file, name, job)
     meta = {"DRE_VER": __version__, "STATISTC": job.options.statistic, "PSF": str(psf_file)[-60:],
             "GAIN": job.options.gain if job.options.gain else "none",
             "ZEROPT": job.zero_point if job.zero_point is not None else "none"}
@@ -104,27 +102,31 @@ def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
     if job.chi_dir and len(cuts):
         write_chi(Path(job.chi_dir) / f"{name}_chi.h5", cuts.names, results["SURFACE"], models.grid,
                   job.options.statistic, job.compression)
-    if job.mosaics_dir and len(cuts):
-        _write_mosaics(models, cuts, results, psf_file, name, job)
     rate = len(cuts) / elapsed if elapsed > 0 else float("inf")
     log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged", name, len(cuts), elapsed,
              rate, int(np.count_nonzero(results.get("FLAGS", []))) if len(cuts) else 0)
     return {"name": name, "objects": len(cuts), "seconds": elapsed}
 
 
-def _fit_by_extension(models, cuts, psf_file, job):
-    """Fit the objects of each image extension with that extension's PSF; rows in input order."""
+def _fit_by_extension(models, cuts, psf_file, name, job):
+    """Fit the objects of each image extension with that extension's PSF (convolved once each) and
+    write their mosaics while its models are at hand. Returns results in input order, fit seconds."""
     ext = cuts.objects["EXT_NUMBER"]
-    parts, order = [], []
+    parts, order, seconds = [], [], 0.0
     for value in np.unique(ext):
         index = np.flatnonzero(ext == value)
-        psf = read_psf(psf_file, ext_number=psf_index(value))
-        parts.append(fit_cutouts(models.for_psf(psf), cuts.subset(index), job.options))
+        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(value)))
+        sub = cuts.subset(index)
+        start = time.perf_counter()
+        parts.append(fit_cutouts(mm, sub, job.options))
+        seconds += time.perf_counter() - start
         order.append(index)
+        if job.mosaics_dir:
+            _write_mosaics(mm, sub, parts[-1], name, job)
     if not parts:
-        return _empty(models.grid)
+        return _empty(models.grid), seconds
     inverse = np.argsort(np.concatenate(order))
-    return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+    return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}, seconds
 
 
 def _empty(grid):
@@ -138,22 +140,21 @@ def _empty(grid):
     return cols
 
 
-def _write_mosaics(models, cuts, results, psf_file, name, job):
+def _write_mosaics(mm, cuts, results, name, job):
+    """Data, mask, model and residual of every object of ``cuts`` (one extension, fitted with ``mm``)."""
     from .centering import centre_cutouts
     out = Path(job.mosaics_dir) / name
-    for value in np.unique(cuts.objects["EXT_NUMBER"]):
-        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(value)))
-        for i in np.flatnonzero(cuts.objects["EXT_NUMBER"] == value):
-            best = int(np.ravel_multi_index(results["MODEL_IDX"][i], models.grid.shape)) \
-                if results["MODEL_IDX"][i][0] >= 0 else None
-            data, mask = cuts.data[i], cuts.mask[i]
-            offset = np.nan_to_num(cuts.offsets[i:i + 1])
-            if job.options.centre and np.any(offset != 0):
-                d, _, m, _ = centre_cutouts(np, np.nan_to_num(data)[None], cuts.rms[i][None], mask[None],
-                                            np.zeros((1,) + data.shape, bool), offset)
-                data, mask = d[0], m[0]
-            model = mm.stamp(best) if best is not None else np.zeros_like(data)
-            flux = results["FLUX"][i] if np.isfinite(results["FLUX"][i]) else 0.0
-            write_mosaic(out / f"{name}_{cuts.names[i]}_mosaic.fits", mosaic_panels(data, mask, model, flux),
-                         [("NUMBER", int(cuts.objects["NUMBER"][i])), ("FLAGS", int(results["FLAGS"][i]))],
-                         png=job.mosaic_png)
+    for i in range(len(cuts)):
+        best = int(np.ravel_multi_index(results["MODEL_IDX"][i], mm.grid.shape)) \
+            if results["MODEL_IDX"][i][0] >= 0 else None
+        data, mask = cuts.data[i], cuts.mask[i]
+        offset = np.nan_to_num(cuts.offsets[i:i + 1])
+        if job.options.centre and np.any(offset != 0):
+            d, _, m, _ = centre_cutouts(np, np.nan_to_num(data)[None], cuts.rms[i][None], mask[None],
+                                        np.zeros((1,) + data.shape, bool), offset)
+            data, mask = d[0], m[0]
+        model = mm.stamp(best) if best is not None else np.zeros_like(data)
+        flux = results["FLUX"][i] if np.isfinite(results["FLUX"][i]) else 0.0
+        write_mosaic(out / f"{name}_{cuts.names[i]}_mosaic.fits", mosaic_panels(data, mask, model, flux),
+                     [("NUMBER", int(cuts.objects["NUMBER"][i])), ("FLAGS", int(results["FLAGS"][i]))],
+                     png=job.mosaic_png)
