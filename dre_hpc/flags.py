@@ -45,6 +45,29 @@ _DESCRIPTIONS = {
     "CUT_PADDED": "the cutout reached the image edge and was padded (from the cuts file)",
 }
 
+class CutFlag(enum.IntFlag):
+    """Integrity bits of a cutout, set by make_cuts (table column ``CUT_FLAGS`` of the cuts file)."""
+
+    PADDED = 1
+    NONFINITE = 2
+    ALL_ZERO = 4
+    BAD_RMS = 8
+    NO_SEGMENT = 16
+
+    @classmethod
+    def describe(cls) -> list:
+        """(value, name, description) for every flag."""
+        return [(int(f), f.name, _CUT_DESCRIPTIONS[f.name]) for f in cls]
+
+
+_CUT_DESCRIPTIONS = {
+    "PADDED": "the 128x128 cut reaches beyond the image: padded with data 0, rms 0, mask off",
+    "NONFINITE": "NaN or infinite pixels in the image, background-subtracted image or rms inside the cut",
+    "ALL_ZERO": "every data pixel of the cut inside the image is zero",
+    "BAD_RMS": "zero or negative rms inside the object's mask",
+    "NO_SEGMENT": "the segmentation map has no pixel of this object in the cut (mask = centre block only)",
+}
+
 #: Flags after which the parameters are fill values, not measurements (no positive model fits an
 #: object whose best flux is <= 0, so its shape is not measured either).
 UNFITTED = FitFlag.FIT_FAILED | FitFlag.EMPTY_MASK | FitFlag.FEW_PIXELS | FitFlag.NONPOSITIVE_FLUX

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import DreError
-from ..flags import UNFITTED, FitFlag
+from ..flags import UNFITTED, CutFlag, FitFlag
 from .backend import to_host
 from .centering import centre_cutouts
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
@@ -73,7 +73,8 @@ def _prepare(xp, cuts, options):
     offsets = cuts.offsets
     unknown = ~np.isfinite(offsets).all(axis=1)
     flags |= np.where(unknown, int(FitFlag.NO_CENTRE), 0)
-    flags |= np.where(cuts.objects["CUT_FLAGS"] != 0, int(FitFlag.CUT_PADDED), 0)
+    padded = (cuts.objects["CUT_FLAGS"] & int(CutFlag.PADDED)) != 0
+    flags |= np.where(padded, int(FitFlag.CUT_PADDED), 0)
     d, r, m, b = (xp.asarray(a) for a in (data, rms, mask, bad))
     if options.centre and np.any(np.nan_to_num(offsets) != 0):
         off = xp.asarray(np.where(unknown[:, None], 0.0, offsets))

@@ -1,0 +1,110 @@
+"""``make_cuts`` over a working directory: every tile's cuts file and its integrity report.
+
+For ``Tiles/<img>.fits`` with SExtractor products in ``Sextracted/[<img>/]<img>_*.fits`` it writes
+``Cuts/<img>_cuts.h5`` (stacked layout by default, or the original's ``--layout dre``) and
+``Cuts/<img>_cuts.json``: counts of selected and rejected objects and of each integrity flag, and
+the ids of flagged objects (kept in the cuts file with their flags, never dropped). A tile that
+fails is reported and the others are still cut.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import DreError, InputError
+from ..flags import CutFlag
+from ..io.catalog import read_catalog
+from ..io.cuts import write_cuts
+from .cuts import CutsOptions, TileImages, cut_objects, select_objects
+from .layout import list_tile_images, sextracted_files, tile_name
+
+log = logging.getLogger(__name__)
+
+
+def tile_inputs(image, sextracted_dir) -> dict:
+    """The tile image and its SExtractor products; an error naming the first missing one."""
+    name = tile_name(image)
+    paths = {"image": Path(image), **sextracted_files(sextracted_dir, name)}
+    for role, path in paths.items():
+        if not path.is_file():
+            raise InputError(f"{path} does not exist (the {role} file of tile {name}); "
+                             "run sex_dre on the tile first")
+    return paths
+
+
+def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions) -> dict:
+    """Cut one tile; write ``<output>/<img>_cuts.h5`` and its JSON report; return the report."""
+    start = time.perf_counter()
+    paths = tile_inputs(image, sextracted_dir)
+    table = read_catalog(paths["cat"])
+    for column in ("X_IMAGE", "Y_IMAGE"):
+        if column not in table.colnames:
+            raise InputError(f"catalogue {paths['cat']}: no {column} column")
+    images = TileImages({k: v for k, v in paths.items() if k != "cat"})
+    try:
+        ext = np.asarray(table["EXT_NUMBER"], int) if "EXT_NUMBER" in table.colnames else np.zeros(len(table), int)
+        selection = select_objects(table, images.shapes(ext), options)
+        cuts = cut_objects(table, selection.rows, images, options)
+    finally:
+        images.close()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    name = tile_name(image)
+    cuts_path = output / f"{name}_cuts.h5"
+    write_cuts(cuts_path, cuts, layout=options.layout, compression=options.compression)
+    report = integrity_report(name, paths, table, selection, cuts, options, time.perf_counter() - start)
+    report["cuts_file"] = str(cuts_path)
+    _write_json(output / f"{name}_cuts.json", report)
+    return report
+
+
+def integrity_report(name, paths, table, selection, cuts, options, seconds) -> dict:
+    """What was selected, cut and flagged in one tile (the JSON report's content)."""
+    flags = cuts.objects["CUT_FLAGS"]
+    flagged = np.flatnonzero(flags)
+    return {
+        "tile": name,
+        "inputs": {role: str(path) for role, path in paths.items()},
+        "catalogue_objects": len(table),
+        "rejected": selection.rejected,
+        "cut": len(cuts),
+        "flag_counts": {f.name: int(np.count_nonzero(flags & int(f))) for f in CutFlag},
+        "flagged_objects": [{"EXT_NUMBER": int(cuts.objects["EXT_NUMBER"][i]),
+                             "NUMBER": int(cuts.objects["NUMBER"][i]),
+                             "flags": [f.name for f in CutFlag if flags[i] & int(f)]} for i in flagged],
+        "options": {k: (list(map(list, v)) if k == "filters" else v) for k, v in asdict(options).items()},
+        "dre_hpc_version": __version__,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _write_json(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def cut_all_tiles(tiles_dir, sextracted_dir, output_dir, options: CutsOptions) -> tuple:
+    """Cut every tile; returns (reports, failures) where failures are ``(image, message)``."""
+    images = list_tile_images(tiles_dir)
+    reports, failures = [], []
+    for k, image in enumerate(images, 1):
+        try:
+            report = cut_tile(image, sextracted_dir, output_dir, options)
+        except DreError as exc:
+            log.error("(%d/%d) %s: FAILED: %s", k, len(images), tile_name(image), exc)
+            failures.append((str(image), str(exc)))
+            continue
+        counts = ", ".join(f"{n} {c}" for n, c in report["flag_counts"].items() if c)
+        log.info("(%d/%d) %s: %d of %d objects cut%s (%.1f s)", k, len(images), report["tile"],
+                 report["cut"], report["catalogue_objects"], f"; flagged: {counts}" if counts else "",
+                 report["seconds"])
+        reports.append(report)
+    return reports, failures
