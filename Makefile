@@ -5,9 +5,12 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup tools demo test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) tools
+
+tools:
+	bin/install-system-packages
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)

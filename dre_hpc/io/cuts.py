@@ -114,7 +114,7 @@ def _read_stacked(h5, path, start, stop) -> CutoutSet:
     try:
         sel = slice(start, stop)
         table = h5["objects"][sel]
-        cuts = CutoutSet(h5["data"][sel], h5["mask"][sel].astype(bool), h5["rms"][sel],
+        cuts = CutoutSet(h5["data"][sel], h5["mask"][sel].astype(bool, copy=False), h5["rms"][sel],
                          empty_objects(len(table)), str(path))
     except KeyError as exc:
         raise CutsFormatError(f"{path}: stacked cuts file lacks {exc}; expected datasets "
@@ -169,6 +169,15 @@ def _check_shapes(cuts, path, boxsize):
         raise CutsFormatError(f"{path}: data, mask, rms and objects have different lengths")
 
 
+def _check_unique_names(objects, path):
+    keys, counts = np.unique(np.stack([objects["EXT_NUMBER"], objects["NUMBER"]], axis=1), axis=0,
+                             return_counts=True)
+    if np.any(counts > 1):
+        repeated = ", ".join(object_name(*k) for k in keys[counts > 1][:5])
+        raise CutsFormatError(f"{path}: the DRE layout names groups by EXT_NUMBER_NUMBER and these "
+                              f"objects repeat: {repeated}; use the stacked layout")
+
+
 def write_cuts(path, cuts: CutoutSet, layout: str = "stacked", compression: str = "low") -> None:
     """Write a cuts file in the ``stacked`` or ``dre`` layout (temporary name, then rename)."""
     path = Path(path)
@@ -184,6 +193,7 @@ def write_cuts(path, cuts: CutoutSet, layout: str = "stacked", compression: str 
                 h5.create_dataset(name, data=arr, chunks=chunk if n else None, **(opts if n else {}))
             h5.create_dataset("objects", data=cuts.objects)
         else:
+            _check_unique_names(cuts.objects, path)
             for i, row in enumerate(cuts.objects):
                 group = h5.create_group(object_name(row["EXT_NUMBER"], row["NUMBER"]))
                 group.create_dataset("obj", data=cuts.data[i].astype(np.float32), **opts)
