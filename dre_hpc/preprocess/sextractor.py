@@ -1,0 +1,320 @@
+"""SExtractor on the tiles: catalogue and check images for PSFEx, make_cuts and dre.
+
+For each image ``Tiles/<img>.fits`` (also ``.fit``, ``.fits.fz``) SExtractor writes, in
+``Sextracted/`` (or ``Sextracted/<img>/`` with ``subdir``)::
+
+    <img>_cat.fits   FITS_LDAC catalogue (HDU LDAC_OBJECTS), columns of dre.param
+    <img>_nb.fits    -BACKGROUND check image (background-subtracted image)
+    <img>_rms.fits   BACKGROUND_RMS check image
+    <img>_seg.fits   SEGMENTATION check image
+
+Outputs are written under ``.part`` names and renamed when SExtractor succeeded and all four
+exist (the catalogue last); a failed run leaves none of them, not even those of an earlier run,
+so a catalogue on disk always comes with its check images. Files named ``*_flag.fits`` or
+``*_wht.fits`` are flag and weight maps, never tiles: `list_images` skips them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DreError, InputError
+from ..models.psf import image_stem
+from .tools import config_path, find_tool, path_arg, run_tool, tool_warnings
+
+log = logging.getLogger(__name__)
+
+IMAGE_PATTERNS = ("*.fits", "*.fit", "*.fits.fz")
+ANCILLARY_SUFFIXES = ("_flag", "_wht")
+#: Output kind -> file suffix; the catalogue comes last (renamed last, so it means "done").
+OUTPUT_SUFFIXES = {"nb": "_nb.fits", "rms": "_rms.fits", "seg": "_seg.fits", "cat": "_cat.fits"}
+CHECKIMAGE_TYPES = "-BACKGROUND,BACKGROUND_RMS,SEGMENTATION"
+FORCED_KEYS = ("CATALOG_NAME", "CATALOG_TYPE", "CHECKIMAGE_TYPE", "CHECKIMAGE_NAME")
+FLAG_PARAMS = ("IMAFLAGS_ISO", "NIMAFLAGS_ISO")
+
+
+@dataclass
+class SexOptions:
+    """How to run SExtractor; None for a file means the one shipped in ``dre_hpc/data``.
+
+    ``gain`` is 'counts' (header gain, image in ADU), 'cps' (header gain x EXPTIME, image in
+    ADU/s) or a number in e-/ADU; ``extra`` holds further ``-KEY value`` overrides.
+    """
+
+    config: str | Path | None = None
+    param: str | Path | None = None
+    filter: str | Path | None = None
+    nnw: str | Path | None = None
+    gain: str | float = "counts"
+    gain_key: str = "auto"
+    flags_dir: str | Path | None = None
+    weights_dir: str | Path | None = None
+    subdir: bool = False
+    extra: dict = field(default_factory=dict)
+    executable: str | None = None
+
+
+@dataclass
+class SexOutputs:
+    """The files SExtractor wrote for one image."""
+
+    image: Path
+    catalog: Path
+    nb: Path
+    rms: Path
+    seg: Path
+    n_objects: int = 0
+    seconds: float = 0.0
+
+
+def output_paths(output_dir, stem: str, subdir: bool = False) -> dict:
+    """``{'nb', 'rms', 'seg', 'cat'} -> Path`` of the outputs of image `stem`."""
+    folder = Path(output_dir) / stem if subdir else Path(output_dir)
+    return {kind: folder / f"{stem}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
+def resolve_gain(header, mode="counts", gain_key: str = "auto", source="image") -> float:
+    """Gain in e-/ADU to give SExtractor.
+
+    Parameters
+    ----------
+    header : mapping
+        The image header (astropy Header or dict).
+    mode : {'counts', 'cps'} or float or str
+        'counts': the header gain; 'cps': header gain x EXPTIME (image in counts per second);
+        a number (or a string holding one): that gain.
+    gain_key : str
+        Header key of the gain; 'auto': ``GAIN`` if present, else the single key containing
+        ``GAIN``.
+    source : str or Path
+        Named in error messages.
+
+    Raises
+    ------
+    InputError
+        Unknown mode, no or several gain keys, missing EXPTIME, non-numeric or negative values.
+    """
+    mode_text = str(mode).strip().lower()
+    if mode_text not in ("counts", "cps"):
+        try:
+            value = float(mode)
+        except (TypeError, ValueError):
+            raise InputError(f"gain {mode!r}: expected 'counts', 'cps' or a number in e-/ADU") from None
+        return _checked(value, "gain", source)
+    key = _gain_key(header, gain_key, source)
+    gain = _checked(_number(header, key, source), f"header {key}", source)
+    if mode_text == "cps":
+        if "EXPTIME" not in header:
+            raise InputError(f"{source}: --gain cps needs the header key EXPTIME, which is missing")
+        gain *= _checked(_number(header, "EXPTIME", source), "header EXPTIME", source)
+    return gain
+
+
+def _gain_key(header, gain_key: str, source) -> str:
+    if str(gain_key).lower() != "auto":
+        key = str(gain_key).upper()
+        if key not in header:
+            raise InputError(f"{source}: header key {key} (--gain-key) is missing")
+        return key
+    if "GAIN" in header:
+        return "GAIN"
+    keys = sorted({str(k).upper() for k in header.keys() if "GAIN" in str(k).upper()})
+    if len(keys) != 1:
+        found = f"several: {', '.join(keys)}" if keys else "none"
+        raise InputError(f"{source}: no GAIN header key and {found} containing GAIN; give "
+                         f"--gain-key KEY or --gain VALUE (e-/ADU)")
+    return keys[0]
+
+
+def _number(header, key: str, source) -> float:
+    try:
+        return float(header[key])
+    except (TypeError, ValueError):
+        raise InputError(f"{source}: header {key} = {header[key]!r} is not a number") from None
+
+
+def _checked(value: float, what: str, source) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise InputError(f"{source}: {what} = {value!r} is not a finite gain >= 0")
+    return value
+
+
+def read_image_header(image) -> dict:
+    """Header of the first 2-D image HDU merged over the primary header's keys.
+
+    Raises
+    ------
+    InputError
+        Missing file, not a readable FITS file, truncated, or no 2-D image in it.
+    """
+    from astropy.io import fits
+
+    image = Path(image)
+    if not image.is_file():
+        raise InputError(f"image {image} does not exist")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(image, memmap=False, lazy_load_hdus=False) as hdul:
+                headers = [h.header for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
+                merged = dict(hdul[0].header)
+                merged.update(headers[0] if headers else {})
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on garbage
+        raise InputError(f"image {image} is not a readable FITS file ({exc})") from None
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        raise InputError(f"image {image} is truncated ({truncated[0]})")
+    if not headers:
+        raise InputError(f"image {image} holds no 2-D image HDU")
+    return merged
+
+
+def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = None) -> SexOutputs:
+    """Run SExtractor on one image and return the paths it wrote.
+
+    Raises
+    ------
+    InputError
+        Unreadable image, flag/weight map missing, bad gain or option.
+    ToolNotFoundError, ToolError
+        SExtractor missing, failing, or not writing all its outputs.
+    """
+    options = options or SexOptions()
+    image = Path(image)
+    stem = image_stem(image)
+    gain = resolve_gain(read_image_header(image), options.gain, options.gain_key, source=image)
+    final = output_paths(output_dir, stem, options.subdir)
+    keys = _command_keys(stem, gain, options)
+    executable = find_tool("sextractor", options.executable)
+    final["cat"].parent.mkdir(parents=True, exist_ok=True)
+    parts = {kind: path.with_name(path.name + ".part") for kind, path in final.items()}
+    for path in list(final.values()) + list(parts.values()):
+        path.unlink(missing_ok=True)          # a failed run must not leave older outputs behind
+    keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
+    keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
+    param_copy = _flag_param_file(keys, final["cat"].parent) if options.flags_dir else None
+    try:
+        argv = [executable, path_arg(image, "image")]
+        for key, value in keys.items():
+            argv += [f"-{key}", str(value)]
+        result = run_tool(argv)
+        _check_written(parts, argv, image)
+        for kind in OUTPUT_SUFFIXES:
+            os.replace(parts[kind], final[kind])
+    finally:
+        for path in parts.values():
+            path.unlink(missing_ok=True)
+        if param_copy:
+            param_copy.unlink(missing_ok=True)
+    for line in tool_warnings(result.stderr):
+        log.warning("%s: SExtractor: %s", image.name, line)
+    return SexOutputs(image, final["cat"], final["nb"], final["rms"], final["seg"],
+                      count_objects(final["cat"]), result.seconds)
+
+
+def _command_keys(stem: str, gain: float, options: SexOptions) -> dict:
+    """Ordered ``KEY -> value`` of the command line (configuration files, gain, maps, overrides)."""
+    extra = {str(k).upper().lstrip("-"): v for k, v in options.extra.items()}
+    clash = [k for k in extra if k in FORCED_KEYS]
+    if clash:
+        raise InputError(f"SExtractor option(s) {', '.join(clash)} are set by sex_dre and cannot "
+                         f"be overridden")
+    keys = {"c": _file(options.config, "sextractor/dre.sex", "configuration"),
+            "PARAMETERS_NAME": _file(options.param, "sextractor/dre.param", "parameter file"),
+            "FILTER_NAME": _file(options.filter, "sextractor/default.conv", "filter"),
+            "STARNNW_NAME": _file(options.nnw, "sextractor/default.nnw", "neural network file"),
+            "GAIN": f"{gain:.8g}", "CATALOG_TYPE": "FITS_LDAC", "CHECKIMAGE_TYPE": CHECKIMAGE_TYPES}
+    if options.flags_dir is not None:
+        keys["FLAG_IMAGE"] = _ancillary(options.flags_dir, stem, "_flag.fits", "flag map")
+    if options.weights_dir is not None:
+        keys["WEIGHT_TYPE"] = "MAP_WEIGHT"
+        keys["WEIGHT_IMAGE"] = _ancillary(options.weights_dir, stem, "_wht.fits", "weight map")
+    keys.update(extra)
+    return keys
+
+
+def _file(given, shipped: str, what: str) -> str:
+    path = Path(given) if given is not None else config_path(shipped)
+    if not path.is_file():
+        raise InputError(f"SExtractor {what} {path} does not exist")
+    return path_arg(path, f"SExtractor {what}")
+
+
+def _ancillary(folder, stem: str, suffix: str, what: str) -> str:
+    path = Path(folder) / f"{stem}{suffix}"
+    if not path.is_file():
+        raise InputError(f"{what} for {stem} not found: expected {path}")
+    return path_arg(path, what)
+
+
+def _flag_param_file(keys: dict, folder: Path) -> Path:
+    """A copy of the parameter file with IMAFLAGS_ISO, NIMAFLAGS_ISO (a flag map needs them)."""
+    text = Path(keys["PARAMETERS_NAME"]).read_text()
+    names = {line.split()[0].split("(")[0] for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")}
+    missing = [p for p in FLAG_PARAMS if p not in names]
+    fd, name = tempfile.mkstemp(prefix=".sex_dre_", suffix=".param", dir=folder)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text.rstrip("\n") + "\n" + "".join(f"{p}\n" for p in missing))
+    keys["PARAMETERS_NAME"] = path_arg(name, "parameter file copy")
+    return Path(name)
+
+
+def _check_written(parts: dict, argv, image) -> None:
+    missing = [str(p) for p in parts.values() if not p.is_file()]
+    if missing:
+        raise DreError(f"SExtractor exited 0 on {image} but did not write {', '.join(missing)} "
+                       f"(command: {' '.join(argv)}); check the configuration's CHECKIMAGE "
+                       f"and CATALOG settings")
+
+
+def count_objects(catalog) -> int:
+    """Number of rows over the LDAC_OBJECTS HDUs of a catalogue (headers only)."""
+    from astropy.io import fits
+
+    with fits.open(catalog, memmap=False) as hdul:
+        return sum(int(h.header.get("NAXIS2", 0)) for h in hdul if h.name == "LDAC_OBJECTS")
+
+
+def list_images(input_dir) -> list:
+    """Sorted tiles of `input_dir`: ``*.fits``, ``*.fit``, ``*.fits.fz``, without flag/weight maps."""
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise InputError(f"input directory {folder} does not exist (give -i DIR with the tiles)")
+    found = {p for pattern in IMAGE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    images = sorted(p for p in found if not image_stem(p).endswith(ANCILLARY_SUFFIXES))
+    if not images:
+        raise InputError(f"no images ({', '.join(IMAGE_PATTERNS)}; *_flag/*_wht skipped) in {folder}")
+    return images
+
+
+def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions | None = None):
+    """Run SExtractor on every tile of `input_dir`; a failing tile is logged and skipped.
+
+    Returns
+    -------
+    done : list of SexOutputs
+    failed : list of (Path, str)
+        The image and the one-line error.
+    """
+    images = list_images(input_dir)
+    options = options or SexOptions()
+    find_tool("sextractor", options.executable)     # a missing program fails once, up front
+    done, failed = [], []
+    for k, image in enumerate(images, 1):
+        try:
+            out = run_sextractor(image, output_dir, options)
+        except DreError as exc:
+            log.error("(%d/%d) %s: failed: %s", k, len(images), image.name, exc)
+            failed.append((image, str(exc)))
+            continue
+        log.info("(%d/%d) %s: %d objects, %.1f s -> %s", k, len(images), image.name,
+                 out.n_objects, out.seconds, out.catalog)
+        done.append(out)
+    return done, failed
