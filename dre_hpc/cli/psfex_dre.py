@@ -27,6 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="PSF", help="output directory for <img>.psf (default: PSF)")
     p.add_argument("-c", "--config", help="PSFEx configuration (default: the shipped dre.psfex); "
                    "plots, check images and XML are always off")
+    p.add_argument("--select", choices=("locus", "psfex"), default="locus", help="who picks the PSF "
+                   "stars: locus (default): the smallest-FWHM tight group of sources, given to PSFEx as "
+                   "SAMPLE_FWHMRANGE; psfex: PSFEx's automatic selection (densest FWHM quarter, which "
+                   "galaxies win in galaxy-rich tiles)")
     p.add_argument("--psfex", metavar="PATH", help="PSFEx binary (default: $DRE_PSFEX, else psfex on PATH)")
     p.add_argument("--warn", action="store_true", help="show Python (FITS) warnings")
     return p
@@ -37,7 +41,7 @@ def drive(argv=None) -> int:
     if not args.warn:
         warnings.filterwarnings("ignore")
     start = time.perf_counter()
-    done, failed = psfex_all(args.input, args.output, args.config, args.psfex)
+    done, failed = psfex_all(args.input, args.output, args.config, args.psfex, args.select)
     log.info("done: %d of %d catalogue(s), %.1f s -> %s", len(done), len(done) + len(failed),
              time.perf_counter() - start, args.output)
     if failed:

@@ -5,6 +5,19 @@ temporary directory inside the output directory and the file is renamed to ``<im
 after it was checked: at least one ``PSF_DATA`` HDU with ``ACCEPTED > 0``, and every HDU with
 ``PSF_SAMP == 1`` (the image pixel grid, what dre needs). Plots, check images and the XML report
 are always switched off on the command line, whatever the configuration says.
+
+Star selection
+--------------
+PSFEx's own automatic selection (``SAMPLE_AUTOSELECT Y``) takes the densest quarter of the
+candidates' FWHM (2 x FLUX_RADIUS) distribution as the stellar locus. In a galaxy-dominated tile
+(1,000 galaxies, 60 stars) that quarter is made of galaxies and the PSF comes out 40 % too wide.
+With ``select='locus'`` (the default) the stars are found here instead: among the candidates that
+pass the configuration's SAMPLE_MINSN (on SNR_WIN), SAMPLE_MAXELLIP and SAMPLE_FWHMRANGE and have
+FLAGS 0, the stellar locus is the smallest-FWHM group of `LOCUS_MIN` candidates within
+`LOCUS_SPREAD` of each other (stars are the most compact sources, galaxies are PSF-convolved and
+wider); its median FWHM m gives PSFEx the range ``m / (1+v)**(1/3) .. m * (1+v)**(2/3)`` (v =
+SAMPLE_VARIABILITY, the range PSFEx itself derives from its mode) with ``SAMPLE_AUTOSELECT N``.
+Without such a group, or when the configuration says ``SAMPLE_AUTOSELECT N``, PSFEx selects.
 """
 
 from __future__ import annotations
@@ -14,6 +27,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from ..errors import DreError, InputError, PSFError
 from ..models.psf import SAMPLING_TOLERANCE, image_stem
@@ -25,6 +40,12 @@ CATALOG_SUFFIX = "_cat.fits"
 #: Forced on the command line: no plots (PLPLOT errors), no check images, no XML.
 FORCED = {"CHECKPLOT_DEV": "NULL", "CHECKPLOT_TYPE": "NONE", "CHECKIMAGE_TYPE": "NONE",
           "WRITE_XML": "N", "PSF_SUFFIX": ".psf"}
+SELECT_MODES = ("locus", "psfex")
+#: PSFEx 3.21's defaults of the sample-selection keys a configuration may omit.
+SAMPLE_DEFAULTS = {"SAMPLE_AUTOSELECT": "Y", "SAMPLE_MINSN": "20", "SAMPLE_MAXELLIP": "0.3",
+                   "SAMPLE_FWHMRANGE": "2.0,10.0", "SAMPLE_VARIABILITY": "0.2"}
+#: The stellar locus: the smallest-FWHM group of LOCUS_MIN candidates within 1 + LOCUS_SPREAD.
+LOCUS_MIN, LOCUS_SPREAD = 5, 0.05
 
 
 def catalog_stem(catalog) -> str:
@@ -33,7 +54,7 @@ def catalog_stem(catalog) -> str:
     return name[: -len(CATALOG_SUFFIX)] if name.endswith(CATALOG_SUFFIX) else image_stem(name)
 
 
-def run_psfex(catalog, output_dir="PSF", config=None, executable=None) -> Path:
+def run_psfex(catalog, output_dir="PSF", config=None, executable=None, select="locus") -> Path:
     """Run PSFEx on one FITS_LDAC catalogue and return ``<output_dir>/<img>.psf``.
 
     Parameters
@@ -45,6 +66,9 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None) -> Path:
         PSFEx configuration (default: the shipped ``dre.psfex``).
     executable : str, optional
         PSFEx binary (default: `find_tool`).
+    select : {'locus', 'psfex'}
+        Who picks the stars: the stellar locus found here (see the module docstring) or PSFEx's
+        own automatic selection.
 
     Raises
     ------
@@ -61,7 +85,10 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None) -> Path:
     config = Path(config) if config is not None else config_path("psfex/dre.psfex")
     if not config.is_file():
         raise InputError(f"PSFEx configuration {config} does not exist")
+    if select not in SELECT_MODES:
+        raise InputError(f"star selection {select!r}: expected one of {', '.join(SELECT_MODES)}")
     executable = find_tool("psfex", executable)
+    sample_args = _selection_args(catalog, config) if select == "locus" else []
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = catalog_stem(catalog)
@@ -73,7 +100,7 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None) -> Path:
                 "-PSF_DIR", path_arg(work, "output directory")]
         for key, value in FORCED.items():
             argv += [f"-{key}", value]
-        result = run_tool(argv)
+        result = run_tool(argv + sample_args)
         written = work / f"{catalog.name.rsplit('.', 1)[0]}.psf"
         if not written.is_file():
             raise DreError(f"PSFEx exited 0 on {catalog} but wrote no {written.name} "
@@ -85,6 +112,85 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None) -> Path:
     for line in tool_warnings(result.stderr):
         log.warning("%s: PSFEx: %s", catalog.name, line)
     return final
+
+
+def read_config(path) -> dict:
+    """``KEY -> value`` of a PSFEx/SExtractor configuration file (comments dropped)."""
+    values = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        words = line.split("#", 1)[0].split(None, 1)
+        if words:
+            values[words[0].upper()] = words[1].strip() if len(words) > 1 else ""
+    return values
+
+
+def star_fwhm_range(catalog, settings=None):
+    """FWHM range (pixels, 2 x FLUX_RADIUS) of the stars of a catalogue, or None if not found.
+
+    Parameters
+    ----------
+    catalog : str or Path
+        FITS_LDAC catalogue (every LDAC_OBJECTS HDU is used).
+    settings : dict, optional
+        SAMPLE_* values (strings, as in a configuration file); missing ones: `SAMPLE_DEFAULTS`.
+
+    Returns
+    -------
+    (low, high, n_stars) or None
+    """
+    conf = {**SAMPLE_DEFAULTS, **(settings or {})}
+    try:
+        minsn, maxellip, variability = (float(conf[k]) for k in
+                                        ("SAMPLE_MINSN", "SAMPLE_MAXELLIP", "SAMPLE_VARIABILITY"))
+        low, high = (float(v) for v in conf["SAMPLE_FWHMRANGE"].split(","))
+    except ValueError:
+        raise InputError(f"PSFEx SAMPLE_* settings {conf} are not numbers") from None
+    fwhm = _candidate_fwhm(catalog, minsn, maxellip, low, high)
+    n = len(fwhm) - LOCUS_MIN + 1
+    tight = fwhm[LOCUS_MIN - 1:] <= fwhm[:max(n, 0)] * (1 + LOCUS_SPREAD) if n > 0 else []
+    if not np.any(tight):
+        return None
+    start = int(np.argmax(tight))
+    step = (1.0 + variability) ** (1.0 / 3.0)
+    mode = np.median(fwhm[start:start + LOCUS_MIN])
+    mode = np.median(fwhm[(fwhm >= mode / step) & (fwhm <= mode * step ** 2)])   # all of the locus
+    lo, hi = max(mode / step, low), min(mode * step ** 2, high)
+    return lo, hi, int(np.count_nonzero((fwhm >= lo) & (fwhm <= hi)))
+
+
+def _candidate_fwhm(catalog, minsn, maxellip, low, high) -> np.ndarray:
+    """Sorted 2 x FLUX_RADIUS of the unflagged, round, bright catalogue sources within range."""
+    from astropy.io import fits
+
+    chunks = []
+    with fits.open(catalog, memmap=True) as hdul:
+        for hdu in (h for h in hdul if h.name == "LDAC_OBJECTS"):
+            data = hdu.data
+            names = set(data.columns.names)
+            if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
+                raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
+            first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
+            snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
+            fwhm = 2.0 * first("FLUX_RADIUS")
+            keep = ((np.asarray(data["FLAGS"]) == 0) & (snr > minsn) & (fwhm >= low) & (fwhm < high)
+                    & (np.asarray(data["ELONGATION"]) < (1 + maxellip) / (1 - maxellip)))
+            chunks.append(fwhm[keep])
+    return np.sort(np.concatenate(chunks)) if chunks else np.zeros(0)
+
+
+def _selection_args(catalog: Path, config: Path) -> list:
+    """``-SAMPLE_AUTOSELECT N -SAMPLE_FWHMRANGE lo,hi`` from the stellar locus, or nothing."""
+    settings = {k: v for k, v in read_config(config).items() if k.startswith("SAMPLE_")}
+    if settings.get("SAMPLE_AUTOSELECT", "Y").upper().startswith("N"):
+        return []                                # the configuration gives the range itself
+    found = star_fwhm_range(catalog, settings)
+    if found is None:
+        log.warning("%s: no stellar locus (%d sources within %.0f %% in FWHM) found; PSFEx selects "
+                    "the stars itself", catalog.name, LOCUS_MIN, 100 * LOCUS_SPREAD)
+        return []
+    low, high, count = found
+    log.debug("%s: stellar locus FWHM %.2f-%.2f px, %d candidates", catalog.name, low, high, count)
+    return ["-SAMPLE_AUTOSELECT", "N", "-SAMPLE_FWHMRANGE", f"{low:.3f},{high:.3f}"]
 
 
 def check_psf(path, catalog, report: str = "") -> list:
@@ -111,6 +217,14 @@ def check_psf(path, catalog, report: str = "") -> list:
     return accepted
 
 
+def accepted_stars(psf) -> int:
+    """Total ACCEPTED over the PSF_DATA HDUs of a ``.psf`` file."""
+    from astropy.io import fits
+
+    with fits.open(psf, memmap=False) as hdul:
+        return sum(int(h.header.get("ACCEPTED", 0)) for h in hdul if h.name == "PSF_DATA")
+
+
 def _summary(report: str) -> str:
     """PSFEx's 'accepted/total' table line(s), when present, for error messages."""
     lines = [ln.strip() for ln in report.splitlines() if "/" in ln and ".fits" in ln]
@@ -130,7 +244,7 @@ def list_catalogs(input_dir) -> list:
     return found
 
 
-def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=None):
+def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=None, select="locus"):
     """Run PSFEx on every catalogue of `input_dir`; a failing catalogue is logged and skipped.
 
     Returns
@@ -145,11 +259,12 @@ def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=
     done, failed = [], []
     for k, catalog in enumerate(catalogs, 1):
         try:
-            psf = run_psfex(catalog, output_dir, config, executable)
+            psf = run_psfex(catalog, output_dir, config, executable, select)
         except DreError as exc:
             log.error("(%d/%d) %s: failed: %s", k, len(catalogs), catalog.name, exc)
             failed.append((catalog, str(exc)))
             continue
-        log.info("(%d/%d) %s -> %s", k, len(catalogs), catalog.name, psf)
+        log.info("(%d/%d) %s -> %s: %d stars accepted", k, len(catalogs), catalog.name, psf,
+                 accepted_stars(psf))
         done.append(psf)
     return done, failed

@@ -186,6 +186,7 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
         SExtractor missing, failing, or not writing all its outputs.
     """
     options = options or SexOptions()
+    check_options(options)
     image = Path(image)
     stem = image_stem(image)
     gain = resolve_gain(read_image_header(image), options.gain, options.gain_key, source=image)
@@ -196,21 +197,23 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
     parts = {kind: path.with_name(path.name + ".part") for kind, path in final.items()}
     for path in list(final.values()) + list(parts.values()):
         path.unlink(missing_ok=True)          # a failed run must not leave older outputs behind
-    keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
-    keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
-    param_copy = _flag_param_file(keys, final["cat"].parent) if options.flags_dir else None
+    param_copy = None
     try:
+        keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
+        keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
+        if options.flags_dir is not None:
+            param_copy = _flag_param_file(keys, final["cat"].parent)
         argv = [executable, path_arg(image, "image")]
         for key, value in keys.items():
             argv += [f"-{key}", str(value)]
         result = run_tool(argv)
         _check_written(parts, argv, image)
-        for kind in OUTPUT_SUFFIXES:
+        for kind in OUTPUT_SUFFIXES:                # the catalogue last
             os.replace(parts[kind], final[kind])
     finally:
         for path in parts.values():
             path.unlink(missing_ok=True)
-        if param_copy:
+        if param_copy is not None:
             param_copy.unlink(missing_ok=True)
     for line in tool_warnings(result.stderr):
         log.warning("%s: SExtractor: %s", image.name, line)
@@ -218,25 +221,43 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
                       count_objects(final["cat"]), result.seconds)
 
 
-def _command_keys(stem: str, gain: float, options: SexOptions) -> dict:
-    """Ordered ``KEY -> value`` of the command line (configuration files, gain, maps, overrides)."""
-    extra = {str(k).upper().lstrip("-"): v for k, v in options.extra.items()}
-    clash = [k for k in extra if k in FORCED_KEYS]
+def check_options(options: SexOptions) -> None:
+    """Raise `InputError` for options that would fail every image (checked once, up front)."""
+    clash = [k for k in _extra(options) if k in FORCED_KEYS]
     if clash:
         raise InputError(f"SExtractor option(s) {', '.join(clash)} are set by sex_dre and cannot "
                          f"be overridden")
-    keys = {"c": _file(options.config, "sextractor/dre.sex", "configuration"),
-            "PARAMETERS_NAME": _file(options.param, "sextractor/dre.param", "parameter file"),
-            "FILTER_NAME": _file(options.filter, "sextractor/default.conv", "filter"),
-            "STARNNW_NAME": _file(options.nnw, "sextractor/default.nnw", "neural network file"),
-            "GAIN": f"{gain:.8g}", "CATALOG_TYPE": "FITS_LDAC", "CHECKIMAGE_TYPE": CHECKIMAGE_TYPES}
+    if str(options.gain).strip().lower() not in ("counts", "cps"):
+        resolve_gain({}, options.gain)
+    for folder, what in ((options.flags_dir, "flag map"), (options.weights_dir, "weight map")):
+        if folder is not None and not Path(folder).is_dir():
+            raise InputError(f"{what} directory {folder} does not exist")
+    _config_files(options)
+
+
+def _extra(options: SexOptions) -> dict:
+    return {str(k).upper().lstrip("-"): v for k, v in options.extra.items()}
+
+
+def _command_keys(stem: str, gain: float, options: SexOptions) -> dict:
+    """Ordered ``KEY -> value`` of the command line (configuration files, gain, maps, overrides)."""
+    keys = _config_files(options)
+    keys.update(GAIN=f"{gain:.8g}", CATALOG_TYPE="FITS_LDAC", CHECKIMAGE_TYPE=CHECKIMAGE_TYPES)
     if options.flags_dir is not None:
         keys["FLAG_IMAGE"] = _ancillary(options.flags_dir, stem, "_flag.fits", "flag map")
     if options.weights_dir is not None:
         keys["WEIGHT_TYPE"] = "MAP_WEIGHT"
         keys["WEIGHT_IMAGE"] = _ancillary(options.weights_dir, stem, "_wht.fits", "weight map")
-    keys.update(extra)
+    keys.update(_extra(options))
     return keys
+
+
+def _config_files(options: SexOptions) -> dict:
+    """``-c``, PARAMETERS_NAME, FILTER_NAME, STARNNW_NAME: given, else shipped, as arguments."""
+    return {"c": _file(options.config, "sextractor/dre.sex", "configuration"),
+            "PARAMETERS_NAME": _file(options.param, "sextractor/dre.param", "parameter file"),
+            "FILTER_NAME": _file(options.filter, "sextractor/default.conv", "filter"),
+            "STARNNW_NAME": _file(options.nnw, "sextractor/default.nnw", "neural network file")}
 
 
 def _file(given, shipped: str, what: str) -> str:
@@ -305,7 +326,8 @@ def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions
     """
     images = list_images(input_dir)
     options = options or SexOptions()
-    find_tool("sextractor", options.executable)     # a missing program fails once, up front
+    check_options(options)                          # what would fail every image fails once, up front
+    find_tool("sextractor", options.executable)
     done, failed = [], []
     for k, image in enumerate(images, 1):
         try:

@@ -139,7 +139,7 @@ def path_arg(path, what: str) -> str:
     """`path` as SExtractor/PSFEx can take it on a command line.
 
     Both programs split file names at blanks and commas (lists of files), so the path is given
-    relative to the working directory when that avoids them, else absolute.
+    absolute, or relative to the working directory when only that avoids them.
 
     Raises
     ------
@@ -147,7 +147,7 @@ def path_arg(path, what: str) -> str:
         Both forms contain a blank or a comma.
     """
     absolute = os.path.abspath(path)
-    for candidate in (os.path.relpath(absolute), absolute):
+    for candidate in (absolute, os.path.relpath(absolute)):
         if not _UNSAFE.search(candidate):
             return candidate
     raise InputError(f"{what} {absolute}: SExtractor and PSFEx split file names at blanks and "
