@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -205,8 +206,8 @@ def check_psf(path, catalog, report: str = "") -> list:
     if max(accepted) <= 0:
         loaded = [int(h.get("LOADED", 0)) for h in headers]
         raise PSFError(f"PSFEx accepted no star in {catalog} (loaded {sum(loaded)} candidates); "
-                       f"too few unsaturated point sources with S/N above SAMPLE_MINSN and FWHM in "
-                       f"SAMPLE_FWHMRANGE{_summary(report)}")
+                       f"too few unflagged point sources with S/N above SAMPLE_MINSN, ellipticity "
+                       f"below SAMPLE_MAXELLIP and FWHM in SAMPLE_FWHMRANGE{_summary(report)}")
     for ext, (h, n) in enumerate(zip(headers, accepted), 1):
         samp = float(h.get("PSF_SAMP", 0.0))
         if abs(samp - 1.0) > SAMPLING_TOLERANCE:
@@ -227,8 +228,10 @@ def accepted_stars(psf) -> int:
 
 def _summary(report: str) -> str:
     """PSFEx's 'accepted/total' table line(s), when present, for error messages."""
-    lines = [ln.strip() for ln in report.splitlines() if "/" in ln and ".fits" in ln]
-    return f" (PSFEx: {'; '.join(lines[-3:])})" if lines else ""
+    lines = [ln.strip().lstrip("> ") for ln in report.splitlines()
+             if re.search(r"\s\d+/\d+\s", ln) or "WARNING" in ln.upper()]
+    lines = list(dict.fromkeys(lines))[-3:]
+    return f" (PSFEx: {'; '.join(lines)})" if lines else ""
 
 
 def list_catalogs(input_dir) -> list:

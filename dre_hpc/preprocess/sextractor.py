@@ -35,7 +35,9 @@ ANCILLARY_SUFFIXES = ("_flag", "_wht")
 #: Output kind -> file suffix; the catalogue comes last (renamed last, so it means "done").
 OUTPUT_SUFFIXES = {"nb": "_nb.fits", "rms": "_rms.fits", "seg": "_seg.fits", "cat": "_cat.fits"}
 CHECKIMAGE_TYPES = "-BACKGROUND,BACKGROUND_RMS,SEGMENTATION"
-FORCED_KEYS = ("CATALOG_NAME", "CATALOG_TYPE", "CHECKIMAGE_TYPE", "CHECKIMAGE_NAME")
+FORCED_KEYS = ("CATALOG_NAME", "CATALOG_TYPE", "CHECKIMAGE_TYPE", "CHECKIMAGE_NAME", "GAIN", "GAIN_KEY")
+#: A header key that never exists: SExtractor would let a header GAIN override our -GAIN.
+NO_GAIN_KEY = "DRE_NONE"
 FLAG_PARAMS = ("IMAFLAGS_ISO", "NIMAFLAGS_ISO")
 
 
@@ -226,7 +228,7 @@ def check_options(options: SexOptions) -> None:
     clash = [k for k in _extra(options) if k in FORCED_KEYS]
     if clash:
         raise InputError(f"SExtractor option(s) {', '.join(clash)} are set by sex_dre and cannot "
-                         f"be overridden")
+                         f"be overridden (the gain: --gain, --gain-key)")
     if str(options.gain).strip().lower() not in ("counts", "cps"):
         resolve_gain({}, options.gain)
     for folder, what in ((options.flags_dir, "flag map"), (options.weights_dir, "weight map")):
@@ -242,7 +244,8 @@ def _extra(options: SexOptions) -> dict:
 def _command_keys(stem: str, gain: float, options: SexOptions) -> dict:
     """Ordered ``KEY -> value`` of the command line (configuration files, gain, maps, overrides)."""
     keys = _config_files(options)
-    keys.update(GAIN=f"{gain:.8g}", CATALOG_TYPE="FITS_LDAC", CHECKIMAGE_TYPE=CHECKIMAGE_TYPES)
+    keys.update(GAIN=f"{gain:.8g}", GAIN_KEY=NO_GAIN_KEY, CATALOG_TYPE="FITS_LDAC",
+                CHECKIMAGE_TYPE=CHECKIMAGE_TYPES)
     if options.flags_dir is not None:
         keys["FLAG_IMAGE"] = _ancillary(options.flags_dir, stem, "_flag.fits", "flag map")
     if options.weights_dir is not None:
