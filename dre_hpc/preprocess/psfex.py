@@ -161,22 +161,33 @@ def star_fwhm_range(catalog, settings=None):
 
 def _candidate_fwhm(catalog, minsn, maxellip, low, high) -> np.ndarray:
     """Sorted 2 x FLUX_RADIUS of the unflagged, round, bright catalogue sources within range."""
+    chunks = []
+    for data in read_ldac_objects(catalog):
+        names = set(data.columns.names)
+        if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
+            raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
+        first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
+        snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
+        fwhm = 2.0 * first("FLUX_RADIUS")
+        keep = ((np.asarray(data["FLAGS"]) == 0) & (snr > minsn) & (fwhm >= low) & (fwhm < high)
+                & (np.asarray(data["ELONGATION"]) < (1 + maxellip) / (1 - maxellip)))
+        chunks.append(fwhm[keep])
+    return np.sort(np.concatenate(chunks))
+
+
+def read_ldac_objects(catalog) -> list:
+    """The LDAC_OBJECTS tables of a FITS_LDAC catalogue; `InputError` if it is not one."""
     from astropy.io import fits
 
-    chunks = []
-    with fits.open(catalog, memmap=True) as hdul:
-        for hdu in (h for h in hdul if h.name == "LDAC_OBJECTS"):
-            data = hdu.data
-            names = set(data.columns.names)
-            if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
-                raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
-            first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
-            snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
-            fwhm = 2.0 * first("FLUX_RADIUS")
-            keep = ((np.asarray(data["FLAGS"]) == 0) & (snr > minsn) & (fwhm >= low) & (fwhm < high)
-                    & (np.asarray(data["ELONGATION"]) < (1 + maxellip) / (1 - maxellip)))
-            chunks.append(fwhm[keep])
-    return np.sort(np.concatenate(chunks)) if chunks else np.zeros(0)
+    try:
+        with fits.open(catalog, memmap=False) as hdul:
+            tables = [h.data for h in hdul if h.name == "LDAC_OBJECTS"]
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on garbage
+        raise InputError(f"catalogue {catalog} is not a readable FITS file ({exc})") from None
+    if not tables:
+        raise InputError(f"catalogue {catalog} has no LDAC_OBJECTS HDU: not a SExtractor FITS_LDAC "
+                         f"catalogue")
+    return tables
 
 
 def _selection_args(catalog: Path, config: Path) -> list:
