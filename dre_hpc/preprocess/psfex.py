@@ -83,11 +83,7 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None, select="l
     catalog = Path(catalog)
     if not catalog.is_file():
         raise InputError(f"catalogue {catalog} does not exist")
-    config = Path(config) if config is not None else config_path("psfex/dre.psfex")
-    if not config.is_file():
-        raise InputError(f"PSFEx configuration {config} does not exist")
-    if select not in SELECT_MODES:
-        raise InputError(f"star selection {select!r}: expected one of {', '.join(SELECT_MODES)}")
+    config = checked_config(config, select)
     executable = find_tool("psfex", executable)
     sample_args = _selection_args(catalog, config) if select == "locus" else []
     output_dir = Path(output_dir)
@@ -113,6 +109,16 @@ def run_psfex(catalog, output_dir="PSF", config=None, executable=None, select="l
     for line in tool_warnings(result.stderr):
         log.warning("%s: PSFEx: %s", catalog.name, line)
     return final
+
+
+def checked_config(config, select: str = "locus") -> Path:
+    """The PSFEx configuration to use (default: shipped); `InputError` if missing or bad `select`."""
+    config = Path(config) if config is not None else config_path("psfex/dre.psfex")
+    if not config.is_file():
+        raise InputError(f"PSFEx configuration {config} does not exist")
+    if select not in SELECT_MODES:
+        raise InputError(f"star selection {select!r}: expected one of {', '.join(SELECT_MODES)}")
+    return config
 
 
 def read_config(path) -> dict:
@@ -251,11 +257,16 @@ def list_catalogs(input_dir) -> list:
     if not folder.is_dir():
         raise InputError(f"catalogue directory {folder} does not exist (run sex_dre first, or "
                          f"give -i DIR)")
-    found = sorted(set(folder.glob(f"*{CATALOG_SUFFIX}")) | set(folder.glob(f"*/*{CATALOG_SUFFIX}")))
+    found = {}
+    for path in sorted(folder.glob(f"*{CATALOG_SUFFIX}")) + sorted(folder.glob(f"*/*{CATALOG_SUFFIX}")):
+        stem = catalog_stem(path)
+        if stem in found:              # like dre_hpc.io.catalog.find_catalog: the subdirectory wins
+            log.warning("two catalogues for %s: %s and %s; using the second", stem, found[stem], path)
+        found[stem] = path
     if not found:
         raise InputError(f"no SExtractor catalogues (*{CATALOG_SUFFIX}) in {folder} or its "
                          f"subdirectories")
-    return found
+    return [found[stem] for stem in sorted(found)]
 
 
 def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=None, select="locus"):
@@ -269,7 +280,8 @@ def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=
         The catalogue and the one-line error.
     """
     catalogs = list_catalogs(input_dir)
-    executable = find_tool("psfex", executable)       # a missing program fails once, up front
+    config = checked_config(config, select)           # what would fail every catalogue fails once,
+    executable = find_tool("psfex", executable)       # up front
     done, failed = [], []
     for k, catalog in enumerate(catalogs, 1):
         try:
