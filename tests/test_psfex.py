@@ -103,6 +103,20 @@ def test_galaxy_rich_tile_gets_the_stellar_psf(tmp_path):
     assert fitted_fwhm(read_psf(psf_file), spec.psf_beta) == pytest.approx(spec.psf_fwhm, rel=0.05)
 
 
+def test_multi_extension_tile(prepared, tmp_path):
+    """EXT_NUMBER counts image HDUs from 1; PSFEx writes PSF_DATA HDU k for extension k."""
+    root, _, _, _ = prepared
+    data = fits.getdata(root / "Tiles" / "tile.fits")
+    fits.HDUList([fits.PrimaryHDU(header=fits.getheader(root / "Tiles" / "tile.fits")),
+                  fits.ImageHDU(data), fits.ImageHDU(data[::-1])]).writeto(tmp_path / "mef.fits")
+    catalog = run_sextractor(tmp_path / "mef.fits", tmp_path / "S").catalog
+    with fits.open(catalog) as hdul:
+        assert [set(h.data["EXT_NUMBER"]) for h in hdul if h.name == "LDAC_OBJECTS"] == [{1}, {2}]
+    psf_file = run_psfex(catalog, tmp_path / "P")
+    assert check_psf(psf_file, catalog) == [fits.getheader(psf_file, k)["ACCEPTED"] for k in (1, 2)]
+    assert read_psf(psf_file, ext_number=1).shape == (25, 25)   # 0-based: the second extension
+
+
 def test_subdir_catalogues_and_forced_settings(prepared, tmp_path, monkeypatch):
     root, catalog, _, _ = prepared
     (tmp_path / "S" / "tile").mkdir(parents=True)

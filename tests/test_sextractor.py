@@ -117,6 +117,16 @@ def test_resolve_gain_errors(header, mode, key, words):
     assert all(w in str(info.value) for w in words)
 
 
+def test_compressed_tile_is_unpacked(tile, tmp_path):
+    with fits.open(tile[0] / "tile.fits") as hdul:
+        fits.CompImageHDU(hdul[0].data, hdul[0].header).writeto(tmp_path / "packed.fits.fz")
+    out = run_sextractor(tmp_path / "packed.fits.fz", tmp_path / "S")
+    assert out.catalog == tmp_path / "S" / "packed_cat.fits" and out.n_objects >= N_STARS
+    assert fits.getdata(out.seg).shape == (SIZE, SIZE)
+    assert sorted(p.name for p in (tmp_path / "S").iterdir()) == [
+        "packed_cat.fits", "packed_nb.fits", "packed_rms.fits", "packed_seg.fits"]
+
+
 def test_corrupt_fits_among_good_tiles(tile, tmp_path, caplog, capsys):
     tiles = tmp_path / "Tiles"
     tiles.mkdir()

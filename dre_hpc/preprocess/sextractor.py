@@ -8,6 +8,10 @@ For each image ``Tiles/<img>.fits`` (also ``.fit``, ``.fits.fz``) SExtractor wri
     <img>_rms.fits   BACKGROUND_RMS check image
     <img>_seg.fits   SEGMENTATION check image
 
+Tile-compressed images (``.fits.fz``), which SExtractor 2.25 cannot read ("Unknown TFORM"), are
+unpacked into a temporary plain FITS file next to the outputs first (one image: a single-HDU
+file, like an uncompressed tile; several: a multi-extension file in the same order).
+
 Outputs are written under ``.part`` names and renamed when SExtractor succeeded and all four
 exist (the catalogue last); a failed run leaves none of them, not even those of an earlier run,
 so a catalogue on disk always comes with its check images. Files named ``*_flag.fits`` or
@@ -199,13 +203,14 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
     parts = {kind: path.with_name(path.name + ".part") for kind, path in final.items()}
     for path in list(final.values()) + list(parts.values()):
         path.unlink(missing_ok=True)          # a failed run must not leave older outputs behind
-    param_copy = None
+    param_copy = unpacked = None
     try:
+        unpacked = _unpack(image, final["cat"].parent)
         keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
         keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
         if options.flags_dir is not None:
             param_copy = _flag_param_file(keys, final["cat"].parent)
-        argv = [executable, path_arg(image, "image")]
+        argv = [executable, path_arg(unpacked or image, "image")]
         for key, value in keys.items():
             argv += [f"-{key}", str(value)]
         result = run_tool(argv)
@@ -215,8 +220,9 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
     finally:
         for path in parts.values():
             path.unlink(missing_ok=True)
-        if param_copy is not None:
-            param_copy.unlink(missing_ok=True)
+        for temporary in (param_copy, unpacked):
+            if temporary is not None:
+                temporary.unlink(missing_ok=True)
     for line in tool_warnings(result.stderr):
         log.warning("%s: SExtractor: %s", image.name, line)
     return SexOutputs(image, final["cat"], final["nb"], final["rms"], final["seg"],
@@ -287,6 +293,22 @@ def _flag_param_file(keys: dict, folder: Path) -> Path:
     with os.fdopen(fd, "w") as fh:
         fh.write(text.rstrip("\n") + "\n" + "".join(f"{p}\n" for p in missing))
     keys["PARAMETERS_NAME"] = path_arg(name, "parameter file copy")
+    return Path(name)
+
+
+def _unpack(image: Path, folder: Path) -> Path | None:
+    """A plain FITS copy of a tile-compressed image in `folder`, or None if it is not compressed."""
+    from astropy.io import fits
+
+    with fits.open(image, memmap=False) as hdul:
+        if not any(isinstance(h, fits.CompImageHDU) for h in hdul):
+            return None
+        images = [h for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
+        hdus = ([fits.PrimaryHDU(images[0].data, images[0].header)] if len(images) == 1 else
+                [fits.PrimaryHDU(header=hdul[0].header)] + [fits.ImageHDU(h.data, h.header) for h in images])
+        fd, name = tempfile.mkstemp(prefix=f".{image_stem(image)}_", suffix=".fits", dir=folder)
+        os.close(fd)
+        fits.HDUList(hdus).writeto(name, overwrite=True)
     return Path(name)
 
 
