@@ -286,7 +286,7 @@ def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=
     for k, catalog in enumerate(catalogs, 1):
         try:
             psf = run_psfex(catalog, output_dir, config, executable, select)
-        except DreError as exc:
+        except (DreError, OSError) as exc:      # OSError: e.g. an unwritable output
             log.error("(%d/%d) %s: failed: %s", k, len(catalogs), catalog.name, exc)
             failed.append((catalog, str(exc)))
             continue

@@ -9,8 +9,7 @@ For each image ``Tiles/<img>.fits`` (also ``.fit``, ``.fits.fz``) SExtractor wri
     <img>_seg.fits   SEGMENTATION check image
 
 Tile-compressed images (``.fits.fz``), which SExtractor 2.25 cannot read ("Unknown TFORM"), are
-unpacked into a temporary plain FITS file next to the outputs first (one image: a single-HDU
-file, like an uncompressed tile; several: a multi-extension file in the same order).
+unpacked into a temporary plain FITS file next to the outputs first (`tools.unpack_image`).
 
 Outputs are written under ``.part`` names and renamed when SExtractor succeeded and all four
 exist (the catalogue last); a failed run leaves none of them, not even those of an earlier run,
@@ -24,13 +23,13 @@ import logging
 import math
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DreError, InputError
 from ..models.psf import image_stem
-from .tools import config_path, find_tool, path_arg, run_tool, tool_warnings
+from .tools import (config_path, find_tool, path_arg, read_image_header, run_tool, tool_warnings,
+                    unpack_image)
 
 log = logging.getLogger(__name__)
 
@@ -151,36 +150,6 @@ def _checked(value: float, what: str, source) -> float:
     return value
 
 
-def read_image_header(image) -> dict:
-    """Header of the first 2-D image HDU merged over the primary header's keys.
-
-    Raises
-    ------
-    InputError
-        Missing file, not a readable FITS file, truncated, or no 2-D image in it.
-    """
-    from astropy.io import fits
-
-    image = Path(image)
-    if not image.is_file():
-        raise InputError(f"image {image} does not exist")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            with fits.open(image, memmap=False, lazy_load_hdus=False) as hdul:
-                headers = [h.header for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
-                merged = dict(hdul[0].header)
-                merged.update(headers[0] if headers else {})
-    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on garbage
-        raise InputError(f"image {image} is not a readable FITS file ({exc})") from None
-    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
-    if truncated:
-        raise InputError(f"image {image} is truncated ({truncated[0]})")
-    if not headers:
-        raise InputError(f"image {image} holds no 2-D image HDU")
-    return merged
-
-
 def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = None) -> SexOutputs:
     """Run SExtractor on one image and return the paths it wrote.
 
@@ -205,7 +174,7 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
         path.unlink(missing_ok=True)          # a failed run must not leave older outputs behind
     param_copy = unpacked = None
     try:
-        unpacked = _unpack(image, final["cat"].parent)
+        unpacked = unpack_image(image, final["cat"].parent)
         keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
         keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
         if options.flags_dir is not None:
@@ -296,22 +265,6 @@ def _flag_param_file(keys: dict, folder: Path) -> Path:
     return Path(name)
 
 
-def _unpack(image: Path, folder: Path) -> Path | None:
-    """A plain FITS copy of a tile-compressed image in `folder`, or None if it is not compressed."""
-    from astropy.io import fits
-
-    with fits.open(image, memmap=False) as hdul:
-        if not any(isinstance(h, fits.CompImageHDU) for h in hdul):
-            return None
-        images = [h for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
-        hdus = ([fits.PrimaryHDU(images[0].data, images[0].header)] if len(images) == 1 else
-                [fits.PrimaryHDU(header=hdul[0].header)] + [fits.ImageHDU(h.data, h.header) for h in images])
-        fd, name = tempfile.mkstemp(prefix=f".{image_stem(image)}_", suffix=".fits", dir=folder)
-        os.close(fd)
-        fits.HDUList(hdus).writeto(name, overwrite=True)
-    return Path(name)
-
-
 def _check_written(parts: dict, argv, image) -> None:
     missing = [str(p) for p in parts.values() if not p.is_file()]
     if missing:
@@ -357,7 +310,7 @@ def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions
     for k, image in enumerate(images, 1):
         try:
             out = run_sextractor(image, output_dir, options)
-        except DreError as exc:
+        except (DreError, OSError) as exc:      # OSError: e.g. an unwritable output
             log.error("(%d/%d) %s: failed: %s", k, len(images), image.name, exc)
             failed.append((image, str(exc)))
             continue

@@ -2,8 +2,9 @@
 
 One runner (`run_tool`) starts a program without a shell, records its command line, exit code,
 stdout, stderr and wall time, and turns a failure into a `ToolError` that carries all of them;
-`find_tool` locates the binaries (configured path, environment variable, then ``PATH``) and
-`config_path` the configuration files shipped in ``dre_hpc/data``.
+`find_tool` locates the binaries (configured path, environment variable, then ``PATH``),
+`config_path` the configuration files shipped in ``dre_hpc/data``; `read_image_header` and
+`unpack_image` make sure an image is one SExtractor can read before it is started.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib.resources import files
@@ -163,6 +166,64 @@ def config_path(name) -> Path:
         raise ToolNotFoundError(f"shipped configuration {name} is missing from the dre_hpc "
                                 f"package (looked at {path}); reinstall dre_hpc")
     return path
+
+
+def read_image_header(image) -> dict:
+    """Header of the first 2-D image HDU merged over the primary header's keys.
+
+    Raises
+    ------
+    InputError
+        Missing file, not a readable FITS file, truncated, or no 2-D image in it.
+    """
+    from astropy.io import fits
+
+    image = Path(image)
+    if not image.is_file():
+        raise InputError(f"image {image} does not exist")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with fits.open(image, memmap=False, lazy_load_hdus=False) as hdul:
+                headers = [h.header for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
+                merged = dict(hdul[0].header)
+                merged.update(headers[0] if headers else {})
+    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on garbage
+        raise InputError(f"image {image} is not a readable FITS file ({exc})") from None
+    truncated = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if truncated:
+        raise InputError(f"image {image} is truncated ({truncated[0]})")
+    if not headers:
+        raise InputError(f"image {image} holds no 2-D image HDU")
+    return merged
+
+
+def unpack_image(image, folder) -> Path | None:
+    """A plain FITS copy of a tile-compressed image in `folder`, or None if it is not compressed.
+
+    One image HDU gives a single-HDU file (like an uncompressed tile), several a multi-extension
+    file in the same order, so SExtractor's EXT_NUMBER is the same as for the uncompressed image.
+    """
+    from astropy.io import fits
+
+    try:
+        with fits.open(image, memmap=False) as hdul:
+            if not any(isinstance(h, fits.CompImageHDU) for h in hdul):
+                return None
+            images = [h for h in hdul if h.is_image and h.header.get("NAXIS", 0) >= 2]
+            hdus = ([fits.PrimaryHDU(images[0].data, images[0].header)] if len(images) == 1 else
+                    [fits.PrimaryHDU(header=hdul[0].header)]
+                    + [fits.ImageHDU(h.data, h.header) for h in images])
+    except Exception as exc:  # astropy raises OSError, ValueError, zlib errors... on bad data
+        raise InputError(f"image {image} cannot be decompressed ({exc})") from None
+    fd, name = tempfile.mkstemp(prefix=f".{Path(image).name.split('.')[0]}_", suffix=".fits", dir=folder)
+    os.close(fd)
+    try:
+        fits.HDUList(hdus).writeto(name, overwrite=True)
+    except OSError as exc:
+        os.unlink(name)
+        raise InputError(f"cannot write the unpacked copy of {image} to {name} ({exc})") from None
+    return Path(name)
 
 
 def _clean(raw: bytes) -> str:
