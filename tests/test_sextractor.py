@@ -154,6 +154,29 @@ def test_missing_or_empty_input_dir(tmp_path, capsys, make, words):
     assert all(w in err for w in words)
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--set", "DETECT_THRESH"], "KEY=VALUE"),
+    (["--set", "CATALOG_TYPE=ASCII"], "CATALOG_TYPE"),
+    (["--set", "GAIN=3"], "--gain"),
+    (["--gain", "lots"], "'lots'"),
+    (["--flags", "no-such-dir"], "no-such-dir"),
+    (["-c", "no-such.sex"], "no-such.sex"),
+])
+def test_bad_options_fail_up_front(tile, tmp_path, capsys, args, words):
+    assert sex_dre.main(["-i", str(tile[0]), "-o", str(tmp_path / "S")] + args) == 2
+    assert words in capsys.readouterr().err and not (tmp_path / "S").exists()
+
+
+def test_settings_and_short_parameter_file(tile, tmp_path, caplog):
+    param = tmp_path / "short.param"
+    param.write_text("NUMBER\nX_IMAGE\nY_IMAGE\n")
+    assert sex_dre.main(["-i", str(tile[0]), "-o", str(tmp_path / "S"), "-p", str(param),
+                         "--set", "DETECT_THRESH=50"]) == 0
+    cat = read_catalog(tmp_path / "S" / "tile_cat.fits")
+    assert cat.colnames == ["NUMBER", "X_IMAGE", "Y_IMAGE"] and 0 < len(cat) < N_STARS + N_GALAXIES
+    assert any("VIGNET" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 def test_weight_and_flag_maps(tile, tmp_path, caplog):
     weights, flags = tmp_path / "weights", tmp_path / "flags"
     weights.mkdir(), flags.mkdir()

@@ -42,6 +42,9 @@ FORCED_KEYS = ("CATALOG_NAME", "CATALOG_TYPE", "CHECKIMAGE_TYPE", "CHECKIMAGE_NA
 #: A header key that never exists: SExtractor would let a header GAIN override our -GAIN.
 NO_GAIN_KEY = "DRE_NONE"
 FLAG_PARAMS = ("IMAFLAGS_ISO", "NIMAFLAGS_ISO")
+#: Catalogue columns PSFEx and make_cuts read (a -p parameter file without them is warned about).
+NEEDED_PARAMS = ("NUMBER", "X_IMAGE", "Y_IMAGE", "FLUX_APER", "FLUXERR_APER", "FLUX_RADIUS",
+                 "SNR_WIN", "ELONGATION", "FLAGS", "CLASS_STAR", "VIGNET")
 
 
 @dataclass
@@ -255,14 +258,18 @@ def _ancillary(folder, stem: str, suffix: str, what: str) -> str:
 def _flag_param_file(keys: dict, folder: Path) -> Path:
     """A copy of the parameter file with IMAFLAGS_ISO, NIMAFLAGS_ISO (a flag map needs them)."""
     text = Path(keys["PARAMETERS_NAME"]).read_text()
-    names = {line.split()[0].split("(")[0] for line in text.splitlines()
-             if line.strip() and not line.lstrip().startswith("#")}
-    missing = [p for p in FLAG_PARAMS if p not in names]
+    missing = [p for p in FLAG_PARAMS if p not in param_names(keys["PARAMETERS_NAME"])]
     fd, name = tempfile.mkstemp(prefix=".sex_dre_", suffix=".param", dir=folder)
     with os.fdopen(fd, "w") as fh:
         fh.write(text.rstrip("\n") + "\n" + "".join(f"{p}\n" for p in missing))
     keys["PARAMETERS_NAME"] = path_arg(name, "parameter file copy")
     return Path(name)
+
+
+def param_names(path) -> set:
+    """Column names of a SExtractor parameter file, without ``(N)`` sizes."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    return {ln.split()[0].split("(")[0].upper() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
 
 
 def _check_written(parts: dict, argv, image) -> None:
@@ -306,6 +313,10 @@ def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions
     options = options or SexOptions()
     check_options(options)                          # what would fail every image fails once, up front
     find_tool("sextractor", options.executable)
+    missing = [p for p in NEEDED_PARAMS if p not in param_names(_config_files(options)["PARAMETERS_NAME"])]
+    if missing:
+        log.warning("parameter file lacks %s: PSFEx or make_cuts will fail on these catalogues",
+                    ", ".join(missing))
     done, failed = [], []
     for k, image in enumerate(images, 1):
         try:
