@@ -33,7 +33,8 @@ def test_gpu_matches_cpu(default_models, sim_galaxies, statistic):
     gpu = fit_cutouts(gpu_mm, sub, FitOptions(statistic=statistic))
     assert np.array_equal(cpu["MODEL_IDX"], gpu["MODEL_IDX"])
     assert np.array_equal(cpu["FLAGS"], gpu["FLAGS"])
-    np.testing.assert_allclose(gpu["CHI2"], cpu["CHI2"], rtol=1e-6)
+    # dre sums float32 terms in blocks whose size differs on the GPU: float32 rounding, not more
+    np.testing.assert_allclose(gpu["CHI2"], cpu["CHI2"], rtol=1e-6 if statistic == "wls" else 1e-5)
     np.testing.assert_allclose(gpu["FLUX"], cpu["FLUX"], rtol=1e-4)
 
 

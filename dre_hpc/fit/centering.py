@@ -81,6 +81,17 @@ def _shift_nearest(xp, images, delta, axis):
     return _gather(xp, images, index, axis)
 
 
+def variance_factor(xp, offsets):
+    """(N,) factor by which the resampling scales the variance of uncorrelated pixel noise:
+    sum(w_y^2) * sum(w_x^2) of each object's Lanczos weights (1 for a zero offset)."""
+    factor = xp.ones(offsets.shape[0], dtype=xp.float64)
+    for axis in range(2):
+        delta = offsets[:, axis]
+        weights, _ = _lanczos_taps(xp, delta - xp.floor(delta))
+        factor = factor * (weights * weights).sum(axis=1)
+    return factor
+
+
 def centre_cutouts(xp, data, rms, mask, bad, offsets):
     """Shift data, rms, mask and the bad-pixel map of a batch by their offsets.
 
