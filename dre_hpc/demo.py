@@ -19,13 +19,14 @@ from astropy.table import Table
 from .cli import dre as dre_cli
 from .cli import dre_sim, make_cuts, psfex_dre, sex_dre
 from .sim.match import match_positions
-from .sim.tile import read_truth
+from .sim.tile import TileSpec, read_truth
 
 NAME = "simtile"
 
 
 def run_steps(work: Path, size: int, galaxies: int, stars: int, seed: int) -> int:
     """The five commands, in order; the first non-zero exit code stops the demo."""
+    spec = TileSpec()                      # the tile's gain and zero-point (dre-sim defaults)
     d = {k: str(work / k) for k in ("Tiles", "Truth", "Sextracted", "PSF", "Cuts", "Summary", "Chi", "Mosaics")}
     steps = [
         ("dre-sim", dre_sim.main, ["-o", d["Tiles"], "--truth-dir", d["Truth"], "--name", NAME,
@@ -35,7 +36,8 @@ def run_steps(work: Path, size: int, galaxies: int, stars: int, seed: int) -> in
         ("psfex_dre", psfex_dre.main, ["-i", d["Sextracted"], "-o", d["PSF"]]),
         ("make_cuts", make_cuts.main, ["-i", d["Tiles"], "-s", d["Sextracted"], "-o", d["Cuts"]]),
         ("dre", dre_cli.main, ["-i", d["Cuts"], "--psf", d["PSF"], "-o", d["Summary"], "--chi", d["Chi"],
-                               "--catalogs", d["Sextracted"], "--zero-point", "30", "--mosaics",
+                               "--catalogs", d["Sextracted"], "--zero-point", str(spec.zero_point),
+                               "--gain", str(spec.gain), "--mosaics",
                                "--mosaics-dir", d["Mosaics"]]),
     ]
     for label, func, argv in steps:
