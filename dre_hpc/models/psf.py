@@ -10,7 +10,7 @@ pixel ``[B // 2, B // 2]`` stays centred there after convolution. Plain FITS PSF
 PSFEx files
 -----------
 A ``.psf`` file holds one ``PSF_DATA`` binary-table HDU per image extension of the catalogue
-(HDU ``ext_number + 1`` for image extension ``ext_number``). Its ``PSF_MASK`` cell has shape
+(HDU ``ext_number + 1`` for 0-based image extension ``ext_number`` = SExtractor's EXT_NUMBER - 1). Its ``PSF_MASK`` cell has shape
 ``(ncomp, ny, nx)``: the coefficients of a polynomial in the image position. Component 0, the
 constant term, is the PSF at the polynomial's reference position (what the original DRE used).
 ``PSF_SAMP`` is the size of a PSF pixel in image pixels; it must be 1 unless the caller asks for
@@ -44,8 +44,9 @@ def read_psf(path, ext_number: int = 0, resample: bool = False) -> np.ndarray:
     path : str or Path
         A PSFEx ``.psf`` file or a FITS file whose first image HDU is the PSF.
     ext_number : int
-        Image extension (the cuts' ``EXT_NUMBER``; 0 for a single-extension image). Selects PSFEx
-        HDU ``ext_number + 1``; ignored for FITS image PSFs.
+        0-based image extension: SExtractor's 1-based ``EXT_NUMBER`` minus 1 (a single-extension
+        image has EXT_NUMBER 1, so 0; see ``fit.tiles.psf_index``). Selects PSFEx HDU
+        ``ext_number + 1``; ignored for FITS image PSFs.
     resample : bool
         Resample a PSFEx PSF whose ``PSF_SAMP`` is not 1 to image pixels (with a warning) instead
         of refusing it.
