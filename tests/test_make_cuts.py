@@ -195,3 +195,10 @@ def test_cli_bad_arguments_are_one_line_errors(tmp_path, capsys, caplog):
     assert cli.main(["-i", str(tmp_path / "Tiles"), "-s", str(tmp_path / "Sextracted"),
                      "-o", str(tmp_path / "Cuts")]) == 1
     assert "broken.fits: cannot be read as a FITS image" in caplog.text
+
+
+def test_readme_documents_every_cut_flag():
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for value, name, description in CutFlag.describe():
+        assert f"| {value} | `{name}` | {description} |" in readme, name
