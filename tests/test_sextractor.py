@@ -13,7 +13,8 @@ from astropy.io import fits
 from dre_hpc.cli import sex_dre
 from dre_hpc.errors import InputError, ToolError, ToolNotFoundError
 from dre_hpc.io.catalog import find_catalog, read_catalog
-from dre_hpc.preprocess.sextractor import (SexOptions, list_images, output_paths, resolve_gain,
+from dre_hpc.preprocess.layout import list_tile_images as list_images
+from dre_hpc.preprocess.sextractor import (SexOptions, output_paths, resolve_gain,
                                            run_sextractor, sextract_all)
 from dre_hpc.preprocess.tools import config_path, find_tool, run_tool
 

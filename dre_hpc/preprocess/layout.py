@@ -11,21 +11,23 @@ from pathlib import Path
 from ..errors import InputError
 from ..models.psf import image_stem
 
-TILE_SUFFIXES = (".fits", ".fit", ".fts", ".fits.fz", ".fits.gz")
-SEXTRACTED_ROLES = ("cat", "nb", "rms", "seg")
+TILE_PATTERNS = ("*.fits", "*.fit", "*.fits.fz")
+ANCILLARY_SUFFIXES = ("_flag", "_wht")          # flag and weight maps beside the tiles
+SEXTRACTED_ROLES = ("nb", "rms", "seg", "cat")      # the catalogue last: written last, it means done
 
 
 def list_tile_images(tiles_dir) -> list:
-    """FITS images of a tiles directory (sorted); an error when there is none."""
-    tiles = Path(tiles_dir)
-    if tiles.is_file():
-        return [tiles]
-    if not tiles.is_dir():
-        raise InputError(f"tiles directory {tiles} does not exist")
-    images = sorted(p for p in tiles.iterdir()
-                    if p.is_file() and p.name.lower().endswith(TILE_SUFFIXES))
+    """Sorted tiles of a directory (``*.fits``, ``*.fit``, ``*.fits.fz``, without ``*_flag`` and
+    ``*_wht`` maps), or the one file given; an error when there is none."""
+    folder = Path(tiles_dir)
+    if folder.is_file():
+        return [folder]
+    if not folder.is_dir():
+        raise InputError(f"input directory {folder} does not exist (give -i DIR with the tiles)")
+    found = {p for pattern in TILE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    images = sorted(p for p in found if not image_stem(p).endswith(ANCILLARY_SUFFIXES))
     if not images:
-        raise InputError(f"no FITS images ({', '.join('*' + s for s in TILE_SUFFIXES)}) in {tiles}")
+        raise InputError(f"no images ({', '.join(TILE_PATTERNS)}; *_flag/*_wht skipped) in {folder}")
     return images
 
 
@@ -38,7 +40,7 @@ def sextracted_base(sextracted_dir, name: str, subdir: bool | None = None) -> Pa
 
 
 def sextracted_files(sextracted_dir, name: str, subdir: bool | None = None) -> dict:
-    """Paths of a tile's SExtractor products by role (cat, nb, rms, seg)."""
+    """Paths of a tile's SExtractor products by role (nb, rms, seg, cat: in this order)."""
     base = sextracted_base(sextracted_dir, name, subdir)
     return {role: base.with_name(f"{base.name}_{role}.fits") for role in SEXTRACTED_ROLES}
 

@@ -14,7 +14,7 @@ unpacked into a temporary plain FITS file next to the outputs first (`tools.unpa
 Outputs are written under ``.part`` names and renamed when SExtractor succeeded and all four
 exist (the catalogue last); a failed run leaves none of them, not even those of an earlier run,
 so a catalogue on disk always comes with its check images. Files named ``*_flag.fits`` or
-``*_wht.fits`` are flag and weight maps, never tiles: `list_images` skips them.
+``*_wht.fits`` are flag and weight maps, never tiles: `layout.list_tile_images` skips them.
 """
 
 from __future__ import annotations
@@ -28,15 +28,12 @@ from pathlib import Path
 
 from ..errors import DreError, InputError
 from ..models.psf import image_stem
+from .layout import SEXTRACTED_ROLES, list_tile_images, sextracted_files
 from .tools import (config_path, find_tool, path_arg, read_image_header, run_tool, tool_warnings,
                     unpack_image)
 
 log = logging.getLogger(__name__)
 
-IMAGE_PATTERNS = ("*.fits", "*.fit", "*.fits.fz")
-ANCILLARY_SUFFIXES = ("_flag", "_wht")
-#: Output kind -> file suffix; the catalogue comes last (renamed last, so it means "done").
-OUTPUT_SUFFIXES = {"nb": "_nb.fits", "rms": "_rms.fits", "seg": "_seg.fits", "cat": "_cat.fits"}
 CHECKIMAGE_TYPES = "-BACKGROUND,BACKGROUND_RMS,SEGMENTATION"
 FORCED_KEYS = ("CATALOG_NAME", "CATALOG_TYPE", "CHECKIMAGE_TYPE", "CHECKIMAGE_NAME", "GAIN", "GAIN_KEY")
 #: A header key that never exists: SExtractor would let a header GAIN override our -GAIN.
@@ -82,9 +79,8 @@ class SexOutputs:
 
 
 def output_paths(output_dir, stem: str, subdir: bool = False) -> dict:
-    """``{'nb', 'rms', 'seg', 'cat'} -> Path`` of the outputs of image `stem`."""
-    folder = Path(output_dir) / stem if subdir else Path(output_dir)
-    return {kind: folder / f"{stem}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+    """``{'cat', 'nb', 'rms', 'seg'} -> Path`` of the outputs of image `stem`."""
+    return sextracted_files(output_dir, stem, subdir)
 
 
 def resolve_gain(header, mode="counts", gain_key: str = "auto", source="image") -> float:
@@ -187,7 +183,7 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
             argv += [f"-{key}", str(value)]
         result = run_tool(argv)
         _check_written(parts, argv, image)
-        for kind in OUTPUT_SUFFIXES:                # the catalogue last
+        for kind in SEXTRACTED_ROLES:               # the catalogue last
             os.replace(parts[kind], final[kind])
     finally:
         for path in parts.values():
@@ -288,18 +284,6 @@ def count_objects(catalog) -> int:
         return sum(int(h.header.get("NAXIS2", 0)) for h in hdul if h.name == "LDAC_OBJECTS")
 
 
-def list_images(input_dir) -> list:
-    """Sorted tiles of `input_dir`: ``*.fits``, ``*.fit``, ``*.fits.fz``, without flag/weight maps."""
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise InputError(f"input directory {folder} does not exist (give -i DIR with the tiles)")
-    found = {p for pattern in IMAGE_PATTERNS for p in folder.glob(pattern) if p.is_file()}
-    images = sorted(p for p in found if not image_stem(p).endswith(ANCILLARY_SUFFIXES))
-    if not images:
-        raise InputError(f"no images ({', '.join(IMAGE_PATTERNS)}; *_flag/*_wht skipped) in {folder}")
-    return images
-
-
 def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions | None = None):
     """Run SExtractor on every tile of `input_dir`; a failing tile is logged and skipped.
 
@@ -309,7 +293,7 @@ def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions
     failed : list of (Path, str)
         The image and the one-line error.
     """
-    images = list_images(input_dir)
+    images = list_tile_images(input_dir)
     options = options or SexOptions()
     check_options(options)                          # what would fail every image fails once, up front
     find_tool("sextractor", options.executable)
