@@ -1,0 +1,342 @@
+"""The dre-batch run config: one defaults table, YAML loading, overrides, strict validation.
+
+`TABLE` is the only place where keys, defaults, types and meanings are written. A run config file
+(YAML) sets any subset of it; ``section.key=value`` overrides (values read as YAML scalars) come
+on top. Unknown keys, wrong types and bad choices fail with a `ConfigError` that names the file,
+the dotted key and what is accepted. The result, `RunConfig`, is frozen; its `to_yaml()` is
+written into every run and its `hash()` identifies the resolved config.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import yaml
+
+from dre_hpc.errors import DreError
+
+
+class ConfigError(DreError):
+    """A run config file or override is missing, malformed or invalid."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the table: default value, kind (see `_CHECKS`), meaning, allowed choices."""
+
+    default: object
+    kind: str
+    doc: str
+    choices: tuple = ()
+    nullable: bool = False
+    minimum: float | None = None
+
+
+def _resources(walltime, mem_gb):
+    """The one resource vocabulary, the same for every stage."""
+    return {
+        "nodes": Key(1, "int", "nodes per job", minimum=1),
+        "ntasks_per_node": Key(1, "int", "MPI ranks per node", minimum=1),
+        "cpus_per_task": Key(1, "int", "CPU cores per rank", minimum=1),
+        "gpus_per_node": Key(0, "int", "GPUs per node", minimum=0),
+        "mem_gb": Key(mem_gb, "number", "memory per node in GB", minimum=0),
+        "walltime": Key(walltime, "walltime", 'time limit, a quoted "HH:MM:SS" or "D-HH:MM:SS"'),
+        "partition": Key(None, "str", "SLURM partition", nullable=True),
+        "queue": Key(None, "str", "PBS queue", nullable=True),
+        "account": Key(None, "str", "account/project charged", nullable=True),
+        "extra_directives": Key([], "strlist", "further scheduler directives, verbatim"),
+        "prologue": Key("", "str", "shell lines run before the payload (e.g. module loads)"),
+        "epilogue": Key("", "str", "shell lines run after the payload"),
+    }
+
+
+TABLE = {
+    "run": {
+        "name": Key("dre_run", "name", "run name: file names and job names"),
+        "seed": Key(0, "int", "master seed; object seeds derive from (seed, tile, object)", minimum=0),
+    },
+    "fit": {
+        "model": Key(None, "str", "model cube FITS file; null: the default cube", nullable=True),
+        "statistic": Key("wls", "str", "chi-square statistic", choices=("wls", "dre")),
+        "backend": Key("cpu", "str", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu")),
+        "zero_point": Key(None, "number", "magnitude zero-point (adds MAG); null: none", nullable=True),
+        "gain": Key(None, "number", "gain in e-/ADU for the Poisson term; null: none", nullable=True,
+                    minimum=0),
+        "batch_size": Key(256, "int", "objects fitted together in one batch", minimum=1),
+        "centre": Key(True, "bool", "move cutouts to the sub-pixel centre"),
+        "min_pixels": Key(16, "int", "fewest usable mask pixels to fit", minimum=1),
+        "psf_pixel": Key("included", "str", "whether the PSF contains the pixel response",
+                         choices=("included", "excluded")),
+    },
+    "prep": {
+        "sextractor_config": Key(None, "str", "SExtractor config; null: shipped dre.sex", nullable=True),
+        "sextractor_param": Key(None, "str", "SExtractor params; null: shipped dre.param", nullable=True),
+        "psfex_config": Key(None, "str", "PSFEx config; null: shipped dre.psfex", nullable=True),
+        "gain": Key("counts", "gain", "counts (header gain), cps (gain x EXPTIME) or a number"),
+        "margin": Key(80, "number", "keep objects at least this far from the edges (pixels)", minimum=0),
+        "max_stellarity": Key(0.5, "number", "keep objects with CLASS_STAR below this"),
+        "filters": Key([], "filters", "catalogue cuts, a list of [PARAM, MIN, MAX]"),
+        "layout": Key("stacked", "str", "cuts layout", choices=("stacked", "dre")),
+        "compression": Key("none", "str", "cuts compression", choices=("none", "low", "medium", "high")),
+    },
+    "chunking": {
+        "objects_per_chunk": Key(1000, "int", "objects per fit job (default when neither is set)",
+                                 nullable=True, minimum=1),
+        "chunks_per_tile": Key(None, "int", "fit jobs per tile (instead of objects_per_chunk)",
+                               nullable=True, minimum=1),
+    },
+    "scheduler": {
+        "name": Key("local", "str", "where jobs run", choices=("local", "slurm", "pbs")),
+        "max_parallel": Key(None, "int", "local: most jobs at once; null: CPU count", nullable=True,
+                            minimum=1),
+    },
+    "resources": {
+        "prep": _resources("01:00:00", 4),
+        "fit": _resources("04:00:00", 8),
+        "collate": _resources("01:00:00", 8),
+    },
+    "container": {
+        "image": Key(None, "str", "Apptainer image; null: run on the host", nullable=True),
+        "binds": Key([], "strlist", "bind mounts, SRC[:DST[:OPTS]]"),
+        "gpu": Key(False, "bool", "pass --nv to apptainer exec"),
+    },
+}
+
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return _is_int(value) or isinstance(value, float)
+
+
+def _walltime(value):
+    if not isinstance(value, str):
+        hint = (" (YAML reads an unquoted 1:00:00 as the number 3600, in base 60)" if _is_number(value)
+                else "")
+        raise TypeError(f'a quoted string "HH:MM:SS" or "D-HH:MM:SS"{hint}: quote it, '
+                        f'e.g. walltime: "01:00:00"')
+    if not _WALLTIME.match(value):
+        raise TypeError('a string "HH:MM:SS" or "D-HH:MM:SS" (minutes and seconds below 60)')
+    return value
+
+
+def _filters(value):
+    ok = isinstance(value, list) and all(
+        isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and all(map(_is_number, f[1:]))
+        for f in value)
+    if not ok:
+        raise TypeError("a list of [PARAM, MIN, MAX] with a column name and two numbers")
+    return [[f[0], float(f[1]), float(f[2])] for f in value]
+
+
+def _gain(value):
+    if value in ("counts", "cps"):
+        return value
+    if _is_number(value) and value > 0:
+        return float(value)
+    raise TypeError('"counts", "cps" or a positive number (e-/ADU)')
+
+
+def _expect(test, what, convert=lambda v: v):
+    def check(value):
+        if not test(value):
+            raise TypeError(what)
+        return convert(value)
+    return check
+
+
+_CHECKS = {
+    "int": _expect(_is_int, "an integer"),
+    "number": _expect(_is_number, "a number", float),
+    "bool": _expect(lambda v: isinstance(v, bool), "true or false"),
+    "str": _expect(lambda v: isinstance(v, str), "a string"),
+    "name": _expect(lambda v: isinstance(v, str) and bool(_NAME.match(v)),
+                    "a name of letters, digits, '_', '.', '-' (starting with a letter or digit)"),
+    "strlist": _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
+                       "a list of strings", list),
+    "walltime": _walltime,
+    "filters": _filters,
+    "gain": _gain,
+}
+
+
+def _check(key, value, dotted, source):
+    """The validated (and canonical) value of leaf `dotted`, or a ConfigError."""
+    if value is None and key.nullable:
+        return None
+    try:
+        value = _CHECKS[key.kind](value)
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {dotted}: expected {exc}, got {value!r} "
+                          f"({type(value).__name__})") from None
+    if key.choices and value not in key.choices:
+        raise ConfigError(f"{source}: {dotted}: {value!r} is not one of {', '.join(key.choices)}")
+    if key.minimum is not None and value < key.minimum:
+        raise ConfigError(f"{source}: {dotted}: must be >= {key.minimum}, got {value!r}")
+    return value
+
+
+def _unknown(name, dotted, level, source):
+    where = f"{dotted}.{name}" if dotted else name
+    return ConfigError(f"{source}: unknown key {where!r}; valid keys"
+                       f"{' in ' + repr(dotted) if dotted else ''}: {', '.join(level)}")
+
+
+def _merge(raw, table, out, dotted, source, given):
+    """Validate mapping `raw` against `table` and write it into `out`, recording keys in `given`."""
+    if raw is None:
+        return
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {dotted or 'top level'}: expected a mapping of "
+                          f"{', '.join(table)}, got {raw!r}")
+    for name, value in raw.items():
+        if name not in table:
+            raise _unknown(name, dotted, table, source)
+        path = f"{dotted}.{name}" if dotted else name
+        if isinstance(table[name], dict):
+            _merge(value, table[name], out[name], path, source, given)
+        else:
+            out[name] = _check(table[name], value, path, source)
+            given.add(path)
+
+
+def _defaults(table, dotted=""):
+    """The defaults, canonicalised by the same checks as user values (so 8 and 8.0 hash alike)."""
+    return {k: _defaults(v, f"{dotted}{k}.") if isinstance(v, dict)
+            else _check(v, copy.deepcopy(v.default), dotted + k, "defaults table") for k, v in table.items()}
+
+
+def _override(text, out, given):
+    """Apply one ``section.key=value`` override to `out`."""
+    source = f"override {text!r}"
+    path, sep, raw = text.partition("=")
+    if not sep or not path.strip():
+        raise ConfigError(f"{source}: expected section.key=value, e.g. fit.statistic=dre")
+    names = path.strip().split(".")
+    table, target = TABLE, out
+    for depth, name in enumerate(names):
+        dotted = ".".join(names[:depth])
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {dotted} is a key, not a section")
+        if name not in table:
+            raise _unknown(name, dotted, table, source)
+        if depth < len(names) - 1:
+            table, target = table[name], target[name]
+    key = table[names[-1]]
+    if isinstance(key, dict):
+        raise ConfigError(f"{source}: {path.strip()} is a section; set one of its keys: {', '.join(key)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: the value is not valid YAML: {exc}") from None
+    # On the command line the text is unambiguous: a string key keeps it as written (12:00:00, 007).
+    if key.kind in ("str", "name", "walltime") and not isinstance(value, str) and value is not None:
+        value = raw.strip()
+    target[names[-1]] = _check(key, value, path.strip(), source)
+    given.add(path.strip())
+
+
+def _resolve_chunking(out, given, source):
+    """Exactly one of objects_per_chunk, chunks_per_tile; the default applies only if neither is given."""
+    chunking = out["chunking"]
+    opc_given = "chunking.objects_per_chunk" in given and chunking["objects_per_chunk"] is not None
+    cpt_given = "chunking.chunks_per_tile" in given and chunking["chunks_per_tile"] is not None
+    if opc_given and cpt_given:
+        raise ConfigError(f"{source}: chunking: set exactly one of objects_per_chunk and "
+                          f"chunks_per_tile, not both")
+    if cpt_given:
+        chunking["objects_per_chunk"] = None
+    if (chunking["objects_per_chunk"] is None) == (chunking["chunks_per_tile"] is None):
+        raise ConfigError(f"{source}: chunking: set exactly one of objects_per_chunk and chunks_per_tile")
+
+
+def _read_yaml(path):
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: run config not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the run config: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+
+
+def resolve(raw=None, overrides=(), source="<config>"):
+    """A `RunConfig` from an already-parsed mapping `raw` (None: all defaults) and overrides."""
+    out, given = _defaults(TABLE), set()
+    _merge(raw, TABLE, out, "", source, given)
+    for text in overrides:
+        _override(text, out, given)
+    _resolve_chunking(out, given, source)
+    return RunConfig(out)
+
+
+def load_config(path, overrides=()):
+    """Read, validate and resolve the run config at `path`, then apply `overrides` (key=value)."""
+    return resolve(_read_yaml(path), overrides, source=str(path))
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class RunConfig:
+    """The resolved, read-only run config: ``cfg["fit"]["statistic"]`` or ``cfg.fit["statistic"]``."""
+
+    __slots__ = ("_data", "_frozen")
+
+    def __init__(self, data):
+        object.__setattr__(self, "_data", copy.deepcopy(data))
+        object.__setattr__(self, "_frozen", _freeze(self._data))
+
+    def __getitem__(self, section):
+        return self._frozen[section]
+
+    def __getattr__(self, section):
+        try:
+            return self._frozen[section]
+        except KeyError:
+            raise AttributeError(section) from None
+
+    def __setattr__(self, name, value):
+        raise AttributeError("RunConfig is read-only")
+
+    def __eq__(self, other):
+        return isinstance(other, RunConfig) and self.hash() == other.hash()
+
+    def __hash__(self):
+        return hash(self.hash())
+
+    def __repr__(self):
+        return f"RunConfig({self._data['run']['name']!r}, hash={self.hash()[:12]})"
+
+    def as_dict(self):
+        """A mutable deep copy of the resolved config, sections in table order."""
+        return copy.deepcopy(self._data)
+
+    def to_yaml(self):
+        """The resolved config as YAML; loading it gives an equal config."""
+        return yaml.safe_dump(self._data, sort_keys=False, default_flow_style=False)
+
+    def hash(self):
+        """SHA-256 (hex) of the canonical JSON of the resolved config."""
+        text = json.dumps(self._data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
