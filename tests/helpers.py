@@ -4,12 +4,6 @@ import numpy as np
 from astropy.io import fits
 
 
-def angle_distance(a, b):
-    """Distance between position angles of period 180 degrees."""
-    d = np.mod(np.asarray(a) - np.asarray(b), 180.0)
-    return np.minimum(d, 180.0 - d)
-
-
 def psfex_hdu(components, accepted=10, samp=1.0):
     """One PSF_DATA HDU as PSFEx writes it; `components` has shape (ncomp, ny, nx)."""
     components = np.asarray(components, dtype=np.float32)

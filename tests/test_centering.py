@@ -12,8 +12,7 @@ import pytest
 from dre_hpc.fit.centering import centre_cutouts
 from dre_hpc.fit.engine import FitOptions, fit_cutouts
 from dre_hpc.sim.cutouts import SimSpec, simulate_cutouts
-
-from helpers import angle_distance
+from dre_hpc.sim.match import angle_distance
 
 B = 128
 C = B // 2

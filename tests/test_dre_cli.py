@@ -26,8 +26,9 @@ from dre_hpc.fit.centering import centre_cutouts
 from dre_hpc.io.cuts import write_cuts
 from dre_hpc.preprocess.masks import clean_mask
 from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
+from dre_hpc.sim.match import angle_distance
 
-from helpers import angle_distance, psfex_hdu, write_psfex
+from helpers import psfex_hdu, write_psfex
 
 IMG = "field1"
 B = 128

@@ -9,8 +9,7 @@ import numpy as np
 from dre_hpc.fit.summary import edge_flags, posterior_weights, surface_moments
 from dre_hpc.flags import FitFlag
 from dre_hpc.models.grid import ModelGrid
-
-from helpers import angle_distance
+from dre_hpc.sim.match import angle_distance
 
 
 def _surface_at(grid, cells_chi2):

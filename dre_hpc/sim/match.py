@@ -1,9 +1,13 @@
-"""Match measured positions to a simulated truth catalogue (nearest neighbour within a radius)."""
+"""Compare fits with a simulated truth: match positions, and the recovery criteria of the tests."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy.spatial import cKDTree
+
+#: Objects rounder than this have no measurable angle and are left out of the angle criterion.
+ELONGATED_BELOW = 0.8
+FLUX_TOLERANCE = 0.05
 
 
 def match_positions(x, y, truth_x, truth_y, radius: float = 2.0) -> np.ndarray:
@@ -23,3 +27,22 @@ def match_positions(x, y, truth_x, truth_y, radius: float = 2.0) -> np.ndarray:
             claimed.add(int(idx[i]))
             found[i] = idx[i]
     return found
+
+
+def angle_distance(a, b):
+    """Distance between position angles of period 180 degrees."""
+    d = np.mod(np.asarray(a) - np.asarray(b), 180.0)
+    return np.minimum(d, 180.0 - d)
+
+
+def recovered(fitted, truth, grid) -> dict:
+    """Per-object booleans of the recovery criteria: b/a, angle (objects with b/a <= 0.8 only) and
+    log r within one step of ``grid``, FLUX within 5 % of the truth."""
+    q_true = np.asarray(truth["AX_RATIO"])
+    elongated = q_true <= ELONGATED_BELOW
+    return {
+        "b/a": np.abs(np.asarray(fitted["AX_RATIO"]) - q_true) <= grid.ax_ratio.step + 1e-9,
+        "angle": angle_distance(fitted["ANGLE"], truth["ANGLE"])[elongated] <= grid.angle.step + 1e-9,
+        "log r": np.abs(np.asarray(fitted["LOGR"]) - truth["LOGR"]) <= grid.logr.step + 1e-9,
+        "flux": np.abs(np.asarray(fitted["FLUX"]) / truth["FLUX"] - 1) <= FLUX_TOLERANCE,
+    }
