@@ -62,7 +62,7 @@ def drive(argv=None) -> int:
     reports, failures = cut_all_tiles(args.input, args.sextracted, args.output, options)
     total = sum(r["cut"] for r in reports)
     log.info("done: %d cutouts from %d tile(s) into %s%s", total, len(reports), args.output,
-             f"; {len(failures)} tile(s) FAILED: " + ", ".join(f for f, _ in failures) if failures else "")
+             f"; {len(failures)} tile(s) FAILED: " + ", ".join(str(f) for f, _ in failures) if failures else "")
     return 1 if failures else 0
 
 

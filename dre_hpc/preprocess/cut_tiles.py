@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import DreError, InputError
+from ..errors import InputError
 from ..flags import CutFlag
 from ..io.catalog import read_catalog
 from ..io.cuts import write_cuts
-from .cuts import CutsOptions, TileImages, cut_objects, select_objects
-from .layout import list_tile_images, sextracted_files, tile_name
+from .cuts import CutsOptions, TileImages, cut_objects, ext_numbers, select_objects
+from .layout import for_each_tile, list_tile_images, sextracted_files, tile_name
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions) -> dict:
             raise InputError(f"catalogue {paths['cat']}: no {column} column")
     images = TileImages({k: v for k, v in paths.items() if k != "cat"})
     try:
-        ext = np.asarray(table["EXT_NUMBER"], int) if "EXT_NUMBER" in table.colnames else np.zeros(len(table), int)
-        selection = select_objects(table, images.shapes(ext), options)
+        selection = select_objects(table, images.shapes(ext_numbers(table)), options)
         cuts = cut_objects(table, selection.rows, images, options)
     finally:
         images.close()
@@ -92,19 +91,12 @@ def _write_json(path: Path, content: dict) -> None:
 
 
 def cut_all_tiles(tiles_dir, sextracted_dir, output_dir, options: CutsOptions) -> tuple:
-    """Cut every tile; returns (reports, failures) where failures are ``(image, message)``."""
-    images = list_tile_images(tiles_dir)
-    reports, failures = [], []
-    for k, image in enumerate(images, 1):
-        try:
-            report = cut_tile(image, sextracted_dir, output_dir, options)
-        except DreError as exc:
-            log.error("(%d/%d) %s: FAILED: %s", k, len(images), tile_name(image), exc)
-            failures.append((str(image), str(exc)))
-            continue
-        counts = ", ".join(f"{n} {c}" for n, c in report["flag_counts"].items() if c)
-        log.info("(%d/%d) %s: %d of %d objects cut%s (%.1f s)", k, len(images), report["tile"],
-                 report["cut"], report["catalogue_objects"], f"; flagged: {counts}" if counts else "",
-                 report["seconds"])
-        reports.append(report)
-    return reports, failures
+    """Cut every tile; returns (reports, failed) where failed are ``(image, message)``."""
+    return for_each_tile(list_tile_images(tiles_dir),
+                         lambda image: cut_tile(image, sextracted_dir, output_dir, options), _describe, log)
+
+
+def _describe(image, report) -> str:
+    counts = ", ".join(f"{n} {c}" for n, c in report["flag_counts"].items() if c)
+    return (f"{report['tile']}: {report['cut']} of {report['catalogue_objects']} objects cut"
+            f"{'; flagged: ' + counts if counts else ''} ({report['seconds']:.1f} s)")

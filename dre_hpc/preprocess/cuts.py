@@ -1,8 +1,9 @@
 """Cut 128x128 stamps around catalogued galaxies: the work behind ``make_cuts``.
 
-For a tile's catalogue and images (`cut_tiles` finds them and writes the files): select objects (margin, stellarity, ``-f PARAM MIN MAX`` filters, all strict inequalities like
-the original), cut data (the background-subtracted image), rms and segmentation, build each
-object's mask like the original (`clean_mask`) and record integrity bits (`CutFlag`).
+For a tile's catalogue and images (`cut_tiles` finds them and writes the files): select objects
+(margin, stellarity, ``-f PARAM MIN MAX`` filters, all strict inequalities like the original),
+cut data (the background-subtracted image), rms and segmentation, build each object's mask like
+the original (`clean_mask`) and record integrity bits (`CutFlag`).
 
 Placement: the cut of an object at 1-based ``X_IMAGE`` starts at 0-based pixel
 ``ceil(X_IMAGE - 1 - B/2)``, exactly where the original's ``Cutout2D`` put it, so that both
@@ -61,7 +62,7 @@ def select_objects(table, shapes: dict, options: CutsOptions) -> Selection:
     """Rows with ``margin < X < NAXIS1 - margin`` (same in y), ``CLASS_STAR < max_stellarity``
     and ``MIN < PARAM < MAX`` for every filter. ``shapes`` maps EXT_NUMBER to (ny, nx)."""
     n = len(table)
-    ext = _ext_numbers(table)
+    ext = ext_numbers(table)
     nx = np.array([shapes[e][1] for e in ext]) if n else np.zeros(0)
     ny = np.array([shapes[e][0] for e in ext]) if n else np.zeros(0)
     x, y = np.asarray(table["X_IMAGE"], float), np.asarray(table["Y_IMAGE"], float)
@@ -88,7 +89,8 @@ def _require(table, column, option):
                          f"{', '.join(table.colnames[:40])}")
 
 
-def _ext_numbers(table) -> np.ndarray:
+def ext_numbers(table) -> np.ndarray:
+    """SExtractor's EXT_NUMBER of each catalogue row (0 when the catalogue has none)."""
     if "EXT_NUMBER" in table.colnames:
         return np.asarray(table["EXT_NUMBER"], int)
     return np.zeros(len(table), int)
@@ -135,8 +137,9 @@ class TileImages:
             self.close()
             raise InputError(f"tile images have different numbers of image extensions: {counts}")
 
-    def shapes(self, ext_numbers) -> dict:
-        return {int(e): self.plane("image", e).shape for e in set(np.asarray(ext_numbers).tolist())}
+    def shapes(self, numbers) -> dict:
+        """(ny, nx) of the image plane of each EXT_NUMBER in ``numbers``."""
+        return {int(e): self.plane("image", e).shape for e in set(np.asarray(numbers).tolist())}
 
     def plane(self, role: str, ext_number: int) -> np.ndarray:
         planes = self.planes[role]
@@ -157,7 +160,7 @@ def cut_objects(table, rows, images: TileImages, options: CutsOptions) -> Cutout
     sub = table[rows]
     objects = empty_objects(len(sub))
     objects["NUMBER"] = np.asarray(sub["NUMBER"], int)
-    objects["EXT_NUMBER"] = _ext_numbers(sub)
+    objects["EXT_NUMBER"] = ext_numbers(sub)
     objects["X_IMAGE"], objects["Y_IMAGE"] = np.asarray(sub["X_IMAGE"], float), np.asarray(sub["Y_IMAGE"], float)
     cx, cy = _centres(sub, options)
     objects["X0"], objects["Y0"] = cut_start(cx, b), cut_start(cy, b)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import DreError, InputError
 from ..models.psf import image_stem
 
 TILE_PATTERNS = ("*.fits", "*.fit", "*.fits.fz")
@@ -29,6 +29,26 @@ def list_tile_images(tiles_dir) -> list:
     if not images:
         raise InputError(f"no images ({', '.join(TILE_PATTERNS)}; *_flag/*_wht skipped) in {folder}")
     return images
+
+
+def for_each_tile(items, work, describe, logger) -> tuple:
+    """``work(item)`` for every tile (image or catalogue); a tile whose work raises a `DreError` or
+    an `OSError` is logged in one line and skipped, the others go on.
+
+    ``describe(item, result)`` gives the text of the success line. Returns ``(results, failed)``
+    with ``failed`` a list of ``(item, message)``.
+    """
+    done, failed = [], []
+    for k, item in enumerate(items, 1):
+        try:
+            result = work(item)
+        except (DreError, OSError) as exc:      # OSError: e.g. an unwritable output
+            logger.error("(%d/%d) %s: failed: %s", k, len(items), Path(item).name, exc)
+            failed.append((item, str(exc)))
+            continue
+        logger.info("(%d/%d) %s", k, len(items), describe(item, result))
+        done.append(result)
+    return done, failed
 
 
 def sextracted_base(sextracted_dir, name: str, subdir: bool | None = None) -> Path:

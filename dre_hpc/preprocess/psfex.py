@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import DreError, InputError, PSFError
 from ..models.psf import SAMPLING_TOLERANCE, image_stem
+from .layout import for_each_tile
 from .tools import config_path, find_tool, path_arg, run_tool, tool_warnings
 
 log = logging.getLogger(__name__)
@@ -282,15 +283,10 @@ def psfex_all(input_dir="Sextracted", output_dir="PSF", config=None, executable=
     catalogs = list_catalogs(input_dir)
     config = checked_config(config, select)           # what would fail every catalogue fails once,
     executable = find_tool("psfex", executable)       # up front
-    done, failed = [], []
-    for k, catalog in enumerate(catalogs, 1):
-        try:
-            psf = run_psfex(catalog, output_dir, config, executable, select)
-        except (DreError, OSError) as exc:      # OSError: e.g. an unwritable output
-            log.error("(%d/%d) %s: failed: %s", k, len(catalogs), catalog.name, exc)
-            failed.append((catalog, str(exc)))
-            continue
-        log.info("(%d/%d) %s -> %s: %d stars accepted", k, len(catalogs), catalog.name, psf,
-                 accepted_stars(psf))
-        done.append(psf)
-    return done, failed
+    def work(catalog):
+        return run_psfex(catalog, output_dir, config, executable, select)
+
+    def describe(catalog, psf):
+        return f"{catalog.name} -> {psf}: {accepted_stars(psf)} stars accepted"
+
+    return for_each_tile(catalogs, work, describe, log)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..errors import DreError, InputError
 from ..models.psf import image_stem
-from .layout import SEXTRACTED_ROLES, list_tile_images, sextracted_files
+from .layout import SEXTRACTED_ROLES, for_each_tile, list_tile_images, sextracted_files
 from .tools import (config_path, find_tool, path_arg, read_image_header, run_tool, tool_warnings,
                     unpack_image)
 
@@ -301,15 +301,7 @@ def sextract_all(input_dir="Tiles", output_dir="Sextracted", options: SexOptions
     if missing:
         log.warning("parameter file lacks %s: PSFEx or make_cuts will fail on these catalogues",
                     ", ".join(missing))
-    done, failed = [], []
-    for k, image in enumerate(images, 1):
-        try:
-            out = run_sextractor(image, output_dir, options)
-        except (DreError, OSError) as exc:      # OSError: e.g. an unwritable output
-            log.error("(%d/%d) %s: failed: %s", k, len(images), image.name, exc)
-            failed.append((image, str(exc)))
-            continue
-        log.info("(%d/%d) %s: %d objects, %.1f s -> %s", k, len(images), image.name,
-                 out.n_objects, out.seconds, out.catalog)
-        done.append(out)
-    return done, failed
+    def describe(image, out):
+        return f"{image.name}: {out.n_objects} objects, {out.seconds:.1f} s -> {out.catalog}"
+
+    return for_each_tile(images, lambda image: run_sextractor(image, output_dir, options), describe, log)
