@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DreError, InputError, PSFError
+from ..io.catalog import read_catalog
 from ..models.psf import SAMPLING_TOLERANCE, image_stem
 from .layout import for_each_tile
 from .tools import config_path, find_tool, path_arg, run_tool, tool_warnings
@@ -168,33 +169,16 @@ def star_fwhm_range(catalog, settings=None):
 
 def _candidate_fwhm(catalog, minsn, maxellip, low, high) -> np.ndarray:
     """Sorted 2 x FLUX_RADIUS of the unflagged, round, bright catalogue sources within range."""
-    chunks = []
-    for data in read_ldac_objects(catalog):
-        names = set(data.columns.names)
-        if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
-            raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
-        first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
-        snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
-        fwhm = 2.0 * first("FLUX_RADIUS")
-        keep = ((np.asarray(data["FLAGS"]) == 0) & (snr > minsn) & (fwhm >= low) & (fwhm < high)
-                & (np.asarray(data["ELONGATION"]) < (1 + maxellip) / (1 - maxellip)))
-        chunks.append(fwhm[keep])
-    return np.sort(np.concatenate(chunks))
-
-
-def read_ldac_objects(catalog) -> list:
-    """The LDAC_OBJECTS tables of a FITS_LDAC catalogue; `InputError` if it is not one."""
-    from astropy.io import fits
-
-    try:
-        with fits.open(catalog, memmap=False) as hdul:
-            tables = [h.data for h in hdul if h.name == "LDAC_OBJECTS"]
-    except Exception as exc:  # astropy raises OSError, ValueError, TypeError... on garbage
-        raise InputError(f"catalogue {catalog} is not a readable FITS file ({exc})") from None
-    if not tables:
-        raise InputError(f"catalogue {catalog} has no LDAC_OBJECTS HDU: not a SExtractor FITS_LDAC "
-                         f"catalogue")
-    return tables
+    data = read_catalog(catalog)                      # every LDAC_OBJECTS HDU, stacked
+    names = set(data.colnames)
+    if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
+        raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
+    first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
+    snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
+    fwhm = 2.0 * first("FLUX_RADIUS")
+    keep = ((np.asarray(data["FLAGS"]) == 0) & (snr > minsn) & (fwhm >= low) & (fwhm < high)
+            & (np.asarray(data["ELONGATION"]) < (1 + maxellip) / (1 - maxellip)))
+    return np.sort(fwhm[keep])
 
 
 def _selection_args(catalog: Path, config: Path) -> list:
