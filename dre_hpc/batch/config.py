@@ -59,6 +59,8 @@ TABLE = {
     "run": {
         "name": Key("dre_run", "name", "run name: file names and job names"),
         "seed": Key(0, "int", "master seed; object seeds derive from (seed, tile, object)", minimum=0),
+        "python": Key(None, "str", "Python that jobs run; null: the one running dre-batch setup",
+                      nullable=True),
     },
     "fit": {
         "model": Key(None, "str", "model cube FITS file; null: the default cube", nullable=True),
@@ -94,6 +96,8 @@ TABLE = {
         "name": Key("local", "str", "where jobs run", choices=("local", "slurm", "pbs")),
         "max_parallel": Key(None, "int", "local: most jobs at once; null: CPU count", nullable=True,
                             minimum=1),
+        "max_array_size": Key(1000, "int", "most elements per submitted array (SLURM MaxArraySize - 1)",
+                              minimum=1),
     },
     "resources": {
         "prep": _resources("01:00:00", 4),
