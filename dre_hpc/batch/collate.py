@@ -1,0 +1,314 @@
+"""Collate a run: verify every chunk, merge the chunks per tile, and one flat catalogue of all tiles.
+
+Before anything is written, every done chunk is checked against its done marker: the row count is
+``stop - start`` (and the range is the one `chunk_range` gives the tile's object count), the output
+files are where `RunDir.chunk_outputs` puts them with the recorded byte counts and SHA-256, the FITS
+table has ``rows`` rows and the chi file ``rows`` datasets. A corrupt or modified chunk is refused
+with its path named, always. Chunks that are not done (failed, blocked, pending, never submitted)
+are listed in a `CollateError` unless ``allow_missing``: then what is done is merged and the missing
+chunks are recorded in the headers (``NMISSING``) and in ``collated/missing.json``.
+
+Outputs (`RunDir.collated`), each written under a temporary name and renamed:
+``<tile>_dre.fits`` (rows in object order), ``<tile>_chi.h5`` (the chunks' datasets copied as they
+are, attributes of the first chunk), ``<run>_dre.fits`` (all tiles, a ``TILE`` column first,
+provenance header cards) and ``collate.json``: the verification record that `archive` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import h5py
+import numpy as np
+from astropy.io import fits
+from astropy.table import Column, Table, vstack
+
+from dre_hpc import __version__
+from dre_hpc.batch.chunking import ChunkingError, chunk_range
+from dre_hpc.batch.config import load_config
+from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
+from dre_hpc.batch.status import collect
+from dre_hpc.errors import DreError
+
+RECORD = "collate.json"
+MISSING = "missing.json"
+SHOWN = 20                     # problems listed in an error message; the rest are counted
+
+
+class CollateError(DreError):
+    """Chunks missing, failed or corrupt: nothing was written."""
+
+
+@dataclass
+class Chunk:
+    """A verified done chunk."""
+
+    tile: str
+    k: int
+    start: int
+    stop: int
+    paths: dict
+    sha256: dict
+
+
+@dataclass
+class CollateReport:
+    """What `collate` wrote: rows per tile, the output files, the missing chunks."""
+
+    run: str
+    rows: dict
+    outputs: list
+    missing: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def objects(self) -> int:
+        return sum(self.rows.values())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _listing(lines: list, what: str) -> str:
+    shown = lines[:SHOWN]
+    more = f"\n  ... and {len(lines) - SHOWN} more" if len(lines) > SHOWN else ""
+    return f"{len(lines)} {what}:\n  " + "\n  ".join(shown) + more
+
+
+def _missing_entry(item) -> dict:
+    return {"tile": item.tile, "chunk": item.chunk, "state": item.state, "reason": item.reason}
+
+
+def _check_chunk(rundir: RunDir, tile, k: int, n_objects) -> tuple:
+    """``(Chunk, [])`` for a chunk whose marker, files, checksums and row counts agree, else
+    ``(None, [problems])``, each naming the file."""
+    kind, marker = rundir.read_marker("fit", tile.name, k)
+    where = f"tile {tile.name} chunk {k}"
+    if kind != "done":
+        return None, [f"{where}: {marker.get('reason') if marker else 'no done marker'}"]
+    try:
+        start, stop, rows = int(marker["start"]), int(marker["stop"]), int(marker["rows"])
+        outputs = marker["outputs"]
+        if n_objects is not None and (start, stop) != chunk_range(n_objects, k, tile.n_chunks):
+            return None, [f"{where}: done marker range [{start}, {stop}) is not chunk {k} of "
+                          f"{tile.n_chunks} of {n_objects} objects"]
+    except (KeyError, TypeError, ValueError, ChunkingError) as exc:
+        return None, [f"{rundir.marker('fit', tile.name, k)}: done marker incomplete ({exc})"]
+    if rows != stop - start:
+        return None, [f"{where}: {rows} rows for objects [{start}, {stop}) ({stop - start} expected)"]
+    paths, problems = rundir.chunk_outputs(tile.name, k), []
+    for name, path in paths.items():
+        problems += _check_file(rundir, path, (outputs or {}).get(name))
+    if not problems:
+        problems += _check_contents(paths, rows, start)
+    if problems:
+        return None, problems
+    return Chunk(tile.name, k, start, stop, paths, {n: outputs[n]["sha256"] for n in paths}), []
+
+
+def _check_file(rundir: RunDir, path, recorded) -> list:
+    """Problems of one chunk output against its marker entry ``{"path", "sha256", "bytes"}``."""
+    rel = path.relative_to(rundir.root).as_posix()
+    if not isinstance(recorded, dict) or recorded.get("path") != rel:
+        return [f"{path}: the done marker does not record this output ({recorded!r})"]
+    if path.is_symlink() or not path.is_file():
+        return [f"{path}: chunk output missing (or not a regular file)"]
+    if path.stat().st_size != recorded.get("bytes"):
+        return [f"{path}: corrupt or modified: {path.stat().st_size} bytes, the done marker "
+                f"records {recorded.get('bytes')}"]
+    if file_sha256(path) != recorded.get("sha256"):
+        return [f"{path}: corrupt or modified: its SHA-256 differs from the done marker's"]
+    return []
+
+
+def _check_contents(paths: dict, rows: int, start: int) -> list:
+    """The FITS table has `rows` rows (header only) and the chi file `rows` datasets."""
+    try:
+        with fits.open(paths["dre"], memmap=False, lazy_load_hdus=True) as hdus:
+            n_fits = int(hdus[1].header["NAXIS2"])
+    except (OSError, IndexError, KeyError, ValueError) as exc:
+        return [f"{paths['dre']}: cannot read the FITS table: {exc}"]
+    if n_fits != rows:
+        return [f"{paths['dre']}: {n_fits} rows, the done marker records {rows}"]
+    try:
+        with h5py.File(paths["chi"], "r") as h5:
+            n_chi = len(h5)
+    except OSError as exc:
+        return [f"{paths['chi']}: cannot read the chi file: {exc}"]
+    if n_chi != rows:
+        return [f"{paths['chi']}: {n_chi} objects, the done marker records {rows}"]
+    return []
+
+
+def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
+    """``(chunks per tile, missing items)``: every done chunk verified; a `CollateError` for a
+    corrupt chunk, and for missing chunks unless `allow_missing`."""
+    status = collect(rundir)
+    missing = [_missing_entry(i) for i in status.items if i.stage == "fit" and i.state != "done"]
+    if missing and not allow_missing:
+        lines = [f"tile {m['tile']} chunk {'?' if m['chunk'] is None else m['chunk']}: {m['state']}"
+                 + (f" ({m['reason']})" if m["reason"] else "") for m in missing]
+        raise CollateError(f"{rundir.root}: cannot collate, " + _listing(lines, "chunks not done")
+                           + "\n(dre-batch run --failed-only reruns them; --allow-missing collates the rest)")
+    done = {(i.tile, i.chunk) for i in status.items if i.stage == "fit" and i.state == "done"}
+    chunks, problems = {}, []
+    for tile in rundir.tiles():
+        chunks[tile.name] = []
+        if tile.n_chunks is None:
+            continue
+        _, prep = rundir.read_marker("prep", tile.name)
+        n_objects = (prep or {}).get("n_objects")
+        for k in range(tile.n_chunks):
+            if (tile.name, k) in done:
+                chunk, bad = _check_chunk(rundir, tile, k, n_objects)
+                problems += bad
+                if chunk:
+                    chunks[tile.name].append(chunk)
+    if problems:
+        raise CollateError(f"{rundir.root}: cannot collate, " + _listing(problems, "bad chunks")
+                           + "\n(remove a bad chunk's done marker and rerun it with dre-batch run --failed-only)")
+    if not any(chunks.values()):
+        raise CollateError(f"{rundir.root}: nothing to collate: no chunk is done")
+    return chunks, missing
+
+
+def _write_replace(path, writer) -> None:
+    """Call ``writer(tmp)`` for a temporary name next to `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_fits(path, table: Table) -> None:
+    _write_replace(path, lambda tmp: table.write(tmp, format="fits", overwrite=True))
+
+
+def _merge_tables(chunks: list) -> Table:
+    tables = [Table.read(c.paths["dre"], format="fits", hdu=1, memmap=False) for c in chunks]
+    if len(tables) == 1:
+        return tables[0]
+    try:
+        return vstack(tables, join_type="exact", metadata_conflicts="silent")
+    except Exception as exc:      # astropy raises TableMergeError or ValueError for unlike columns
+        raise CollateError(f"{chunks[0].paths['dre'].parent}: chunk tables of tile {chunks[0].tile} "
+                           f"have different columns: {exc}") from None
+
+
+def _merge_chi(path, chunks: list) -> None:
+    """Copy every chunk's datasets into one file (h5o.copy: no decompression or recompression)."""
+    def write(tmp):
+        with h5py.File(tmp, "w") as out:
+            for position, chunk in enumerate(chunks):
+                with h5py.File(chunk.paths["chi"], "r") as src:
+                    if position == 0:
+                        out.attrs.update(dict(src.attrs))
+                    for name in src:
+                        key = name.encode("utf-8")
+                        if key in out:
+                            raise CollateError(f"{chunk.paths['chi']}: object {name} is also in an "
+                                               f"earlier chunk of tile {chunk.tile}")
+                        h5py.h5o.copy(src.id, key, out.id, key)
+    _write_replace(path, write)
+
+
+def _provenance(rundir: RunDir, config, n_tiles: int, n_objects: int, n_missing, when: str) -> dict:
+    """Header cards of the collated catalogues: (value, comment) by keyword."""
+    cards = {"RUNNAME": config["run"]["name"],          # long values: no comment (CONTINUE cards)
+             "CFGHASH": config.hash(),                  # SHA-256 of the resolved run config
+             "SEED": (config["run"]["seed"], "master seed of the run"),
+             "COLLVER": (__version__, "dre_hpc version that collated"),
+             "NTILES": (n_tiles, "tiles in this file"),
+             "NOBJECTS": (n_objects, "objects (rows) in this file"),
+             "COLLATED": (when, "time of collate (UTC)")}
+    if n_missing is not None:
+        cards["NMISSING"] = (n_missing, "chunks not done, left out (allow_missing)")
+    return cards
+
+
+def _stamp(table: Table, cards: dict) -> None:
+    table.meta.setdefault("DRE_VER", __version__)
+    for key, value in cards.items():
+        table.meta[key] = value
+
+
+def _flat(tables: dict) -> Table:
+    """All tiles in manifest order with a ``TILE`` string column first."""
+    parts = []
+    for name, table in tables.items():
+        part = table.copy(copy_data=False)
+        part.add_column(Column(np.full(len(table), name.encode("ascii", "replace")), name="TILE"), index=0)
+        parts.append(part)
+    return vstack(parts, join_type="exact", metadata_conflicts="silent") if len(parts) > 1 else parts[0]
+
+
+def collate(rundir, allow_missing: bool = False) -> CollateReport:
+    """Verify and merge the chunks of the run in `rundir` (see the module docstring)."""
+    begin = time.perf_counter()
+    rundir = (rundir if isinstance(rundir, RunDir) else RunDir(rundir)).require()
+    config = load_config(rundir.config)
+    chunks, missing = verify(rundir, allow_missing)
+    rundir.collated(RECORD).unlink(missing_ok=True)        # the old record is void from here on
+    when, run = _now(), config["run"]["name"]
+    per_tile_missing = {}
+    for m in missing:
+        per_tile_missing[m["tile"]] = per_tile_missing.get(m["tile"], 0) + 1
+    tables, outputs = {}, []
+    for tile, done in chunks.items():
+        if not done:
+            continue
+        table = _merge_tables(done)
+        n_missing = per_tile_missing.get(tile, 0) if allow_missing else None
+        cards = _provenance(rundir, config, 1, len(table), n_missing, when)
+        _stamp(table, {"TILE": tile, **cards})
+        _write_fits(rundir.collated(f"{tile}_dre.fits"), table)
+        _merge_chi(rundir.collated(f"{tile}_chi.h5"), done)
+        outputs += [rundir.collated(f"{tile}_dre.fits"), rundir.collated(f"{tile}_chi.h5")]
+        tables[tile] = table
+    flat = _flat(tables)
+    flat.meta = {k: v for k, v in flat.meta.items() if k != "TILE"}
+    _stamp(flat, _provenance(rundir, config, len(tables), len(flat), len(missing) if allow_missing else None,
+                             when))
+    _write_fits(rundir.collated(f"{run}_dre.fits"), flat)
+    outputs.append(rundir.collated(f"{run}_dre.fits"))
+    rows = {tile: len(table) for tile, table in tables.items()}
+    _write_records(rundir, chunks, missing, outputs, rows, when, allow_missing)
+    return CollateReport(run, rows, outputs, missing, time.perf_counter() - begin)
+
+
+def _write_records(rundir: RunDir, chunks, missing, outputs, rows, when, allow_missing) -> None:
+    """``missing.json`` (only with missing chunks) and the verification record ``collate.json``."""
+    if missing:
+        write_json(rundir.collated(MISSING), {"time": when, "missing": missing})
+    else:
+        rundir.collated(MISSING).unlink(missing_ok=True)
+    record = {
+        "time": when, "allow_missing": allow_missing, "missing": len(missing),
+        "tiles": {tile: {"rows": rows.get(tile, 0),
+                         "chunks": [{"chunk": c.k, "start": c.start, "stop": c.stop, "sha256": c.sha256}
+                                    for c in done]} for tile, done in chunks.items()},
+        "outputs": {p.relative_to(rundir.root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                    for p in outputs},
+    }
+    write_json(rundir.collated(RECORD), record)
+
+
+def read_record(rundir: RunDir) -> dict:
+    """The verification record of the last collate, or a CollateError when collate has not run."""
+    path = rundir.collated(RECORD)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CollateError(f"{rundir.root}: the run has not been collated (no {path}); "
+                           f"run dre-batch collate first") from None
+    except (OSError, ValueError) as exc:
+        raise CollateError(f"{path}: cannot read the collate record: {exc}") from None
