@@ -1,0 +1,26 @@
+#!/bin/bash
+#SBATCH --job-name=survey_dr1-prep
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=4
+#SBATCH --mem=16G
+#SBATCH --time=02:00:00
+#SBATCH --partition=cpu
+#SBATCH --account=YOUR_ACCOUNT
+#SBATCH --output=logs/slurm/%x-%A_%a.out
+# dre-batch prep job of run survey_dr1, slurm scheduler.
+# Rendered by dre_hpc.batch.render from templates/slurm.sh.j2: change the run
+# config and run dre-batch setup again rather than editing this file.
+set -uo pipefail
+cd "${SLURM_SUBMIT_DIR:?is not set: submit this script with sbatch}" || exit 2
+if [ ! -f manifest.json ]; then
+    echo "dre-batch: $(pwd) is not a dre-batch run directory (no manifest.json)" >&2
+    exit 2
+fi
+# prologue (resources.prep.prologue, verbatim)
+module load python/3.11 openmpi/4.1
+/opt/dre/venv/bin/python -m dre_hpc.batch.worker prep .
+status=$?
+# record an outcome if the payload died without one (one process, inside the same environment)
+/opt/dre/venv/bin/python -m dre_hpc.batch.worker finish prep . --exit-code "$status"
+exit "$status"
