@@ -47,10 +47,11 @@ exec "$@"
 
 
 def write_standin(folder: Path, name: str, body: str) -> Path:
-    """An executable `name` in `folder` with the bash `body`."""
+    """An executable `name` in `folder` with the bash `body` (a ``#!/bin/bash`` line is added
+    when missing: without it exec fails and a same-named program later on PATH would run)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(body)
+    path.write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body)
     path.chmod(0o755)
     return path
 
