@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from slurm_cluster import session_cluster
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
@@ -44,3 +46,11 @@ def sim_galaxies():
     cuts, truth, psf = simulate_cutouts(spec)
     return cuts, truth, psf
 
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The real single-host SLURM (tests/slurm_cluster.py), started once per session and stopped at
+    its end. Attributes: ``env`` (os.environ + SLURM_CONF, for subprocesses), ``sbatch(*args, cwd=)``,
+    ``wait_for(job_ids, timeout)``, ``states``, ``show_job``, ``scancel``, ``log_tails()``.
+    Skips only for a non-root user; as root a failed start fails the tests using it."""
+    yield from session_cluster(tmp_path_factory)
