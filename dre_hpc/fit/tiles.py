@@ -124,12 +124,13 @@ def _fit_by_extension(models, cuts, psf_file, name, job):
         if job.mosaics_dir:
             _write_mosaics(mm, sub, parts[-1], name, job)
     if not parts:
-        return _empty(models.grid), seconds
+        return empty_results(models.grid), seconds
     inverse = np.argsort(np.concatenate(order))
     return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}, seconds
 
 
-def _empty(grid):
+def empty_results(grid) -> dict:
+    """The result columns of `fit_cutouts` for zero objects (``SURFACE`` sized for `grid`)."""
     f = np.zeros(0)
     names = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD", "INDEX",
              "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN", "INDEX_ERR",
