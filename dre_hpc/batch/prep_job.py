@@ -1,0 +1,94 @@
+"""The prep job of one tile: SExtractor, PSFEx and cuts into ``DIR/tiles/<tile>/``.
+
+The same library functions as ``sex_dre``, ``psfex_dre`` and ``make_cuts``, with their options
+built from the run config (``prep.*``) instead of command-line arguments. Products (file names
+after the image's stem, like the original layout)::
+
+    tiles/<tile>/Sextracted/<stem>_{cat,nb,rms,seg}.fits
+    tiles/<tile>/PSF/<stem>.psf
+    tiles/<tile>/Cuts/<stem>_cuts.h5, <stem>_cuts.json
+
+A prep run starts by removing the tile's folder (products of an earlier attempt) and removes it
+again when it fails, so that only a prep with a done marker has products; the done marker is the
+only sign of completion. `run_prep` returns the marker's tile-specific content; writing markers
+is the worker's job.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from ..models.psf import image_stem
+from ..preprocess.cut_tiles import cut_tile
+from ..preprocess.cuts import CutsOptions
+from ..preprocess.psfex import run_psfex
+from ..preprocess.sextractor import SexOptions, run_sextractor
+from .chunking import n_chunks_for
+from .rundir import RunDir, Tile, file_sha256
+
+
+def tile_products(rundir: RunDir, tile: Tile) -> dict:
+    """Paths of a tile's prep products by role: ``sextracted``, ``psf_dir``, ``cuts_dir``
+    (folders), ``catalog``, ``psf`` and ``cuts`` (files read by the fit jobs)."""
+    base, stem = rundir.tile_dir(tile.name), image_stem(tile.image)
+    return {"sextracted": base / "Sextracted", "psf_dir": base / "PSF", "cuts_dir": base / "Cuts",
+            "catalog": base / "Sextracted" / f"{stem}_cat.fits", "psf": base / "PSF" / f"{stem}.psf",
+            "cuts": base / "Cuts" / f"{stem}_cuts.h5"}
+
+
+def sex_options(config) -> SexOptions:
+    """SExtractor options from ``prep.*`` (as ``sex_dre -c -p --gain`` would build them)."""
+    prep = config["prep"]
+    return SexOptions(config=prep["sextractor_config"], param=prep["sextractor_param"], gain=prep["gain"])
+
+
+def cuts_options(config) -> CutsOptions:
+    """Cut options from ``prep.*`` (as ``make_cuts --margin --max-stellarity -f --layout
+    --compression`` would build them)."""
+    prep = config["prep"]
+    return CutsOptions(margin=prep["margin"], max_stellarity=prep["max_stellarity"],
+                       filters=tuple(tuple(f) for f in prep["filters"]), layout=prep["layout"],
+                       compression=prep["compression"])
+
+
+def chunk_count(config, manifest_chunks, n_objects: int) -> int:
+    """The tile's chunk count: the manifest's when setup knew it (``chunks_per_tile``), else
+    from ``chunking.objects_per_chunk`` and the objects counted."""
+    if manifest_chunks is not None:
+        return int(manifest_chunks)
+    chunking = config["chunking"]
+    if chunking["objects_per_chunk"] is not None:
+        return n_chunks_for(n_objects, objects_per_chunk=chunking["objects_per_chunk"])
+    return n_chunks_for(n_objects, chunks_per_tile=chunking["chunks_per_tile"])
+
+
+def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
+    """SExtractor, PSFEx and cuts of `tile`; returns ``{"tile", "n_objects", "n_chunks",
+    "seconds", "outputs"}`` (outputs: path relative to the run directory -> sha256).
+
+    On any exception the tile's folder is removed and the exception propagates.
+    """
+    start = time.perf_counter()
+    paths = tile_products(rundir, tile)
+    shutil.rmtree(rundir.tile_dir(tile.name), ignore_errors=True)
+    try:
+        sex = run_sextractor(tile.image, paths["sextracted"], sex_options(config))
+        run_psfex(sex.catalog, paths["psf_dir"], config=config["prep"]["psfex_config"])
+        report = cut_tile(tile.image, paths["sextracted"], paths["cuts_dir"], cuts_options(config))
+        outputs = product_checksums(rundir, tile)
+    except BaseException:
+        shutil.rmtree(rundir.tile_dir(tile.name), ignore_errors=True)
+        raise
+    n_objects = int(report["cut"])
+    return {"tile": tile.name, "n_objects": n_objects,
+            "n_chunks": chunk_count(config, manifest_chunks, n_objects),
+            "seconds": round(time.perf_counter() - start, 3), "outputs": outputs}
+
+
+def product_checksums(rundir: RunDir, tile: Tile) -> dict:
+    """``{path relative to the run directory: sha256}`` of every file in the tile's folder."""
+    folder = rundir.tile_dir(tile.name)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return {Path(p).relative_to(rundir.root).as_posix(): file_sha256(p) for p in files}
