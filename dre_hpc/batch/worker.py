@@ -1,0 +1,209 @@
+"""The in-job entry point of dre-batch: what the job scripts run, and the markers they leave.
+
+::
+
+    python -m dre_hpc.batch.worker prep RUN_DIR [--tile I]
+    python -m dre_hpc.batch.worker fit RUN_DIR [--tile I] [--chunk K]
+    python -m dre_hpc.batch.worker finish {prep,fit} RUN_DIR --exit-code N [--tile I] [--chunk K]
+
+Without ``--tile``/``--chunk`` the indices come from the scheduler through
+`dre_hpc.batch.environment`: for prep the array index is the tile index; for fit the tile is
+``DRE_TILE`` and the array index is the chunk. The work itself is in `prep_job` and `fit_job`;
+this module is the shell around it: ``started`` marker, then ``done`` (exit 0) or ``failed`` with
+the reason and traceback (exit 1). ``finish`` runs after the payload and records a failure the
+payload could not record itself (killed by a signal, crashed before writing a marker); it always
+exits 0. A problem that leaves no tile to mark (no run directory, a tile index outside the
+manifest) is a one-line error with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import traceback
+import warnings
+from datetime import datetime, timezone
+
+from ..cli.common import run_main
+from ..errors import DreError
+from . import environment
+from .config import load_config
+from .fit_job import remove_chunk_outputs, run_fit
+from .prep_job import run_prep
+from .rundir import RunDir, Tile
+
+FAILED_EXIT = 1
+
+
+class WorkerError(DreError):
+    """The worker cannot tell which item to run (no array index, no tile)."""
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def job_fields() -> dict:
+    """``{"job_id", "host", "time"}``: who wrote a marker, and when."""
+    return {"job_id": environment.job_id(), "host": environment.hostname(), "time": now()}
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: a DreError's message, else ``Type: message``."""
+    text = str(exc) if isinstance(exc, DreError) else f"{type(exc).__name__}: {exc}".rstrip(": ")
+    return " | ".join(line.strip() for line in text.splitlines() if line.strip()) or type(exc).__name__
+
+
+def failed_content(reason: str, tb: str | None = None, exit_code: int | None = FAILED_EXIT,
+                   retryable: bool = False) -> dict:
+    """The content of a failed marker."""
+    return {"reason": reason, "traceback": tb, "exit_code": exit_code, "retryable": retryable,
+            **job_fields()}
+
+
+# -- which item --------------------------------------------------------------------------------
+def _index(given, read, what):
+    """`given`, else the value the scheduler environment gives (`read()`), else a WorkerError."""
+    if given is not None:
+        return given
+    value = read()
+    if value is None:
+        raise WorkerError(f"no {what}: give it on the command line or run inside a dre-batch job")
+    return int(value)
+
+
+def resolve_item(stage: str, rundir: RunDir, tile=None, chunk=None) -> tuple:
+    """``(Tile, chunk or None)`` of this job: explicit values first, then the environment."""
+    if stage == "prep":
+        index = _index(tile, environment.array_index, "tile index (--tile; the array index)")
+        return rundir.require().tile(index), None
+    index = _index(tile, environment.tile_index, "tile index (--tile; DRE_TILE)")
+    k = _index(chunk, environment.array_index, "chunk index (--chunk; the array index)")
+    return rundir.require().tile(index), k
+
+
+# -- the stages ----------------------------------------------------------------------------------
+def _manifest_chunks(rundir: RunDir, tile: Tile):
+    """The manifest's n_chunks of `tile` (not the one filled in from an earlier prep marker)."""
+    return rundir.read_manifest()["tiles"][tile.index]["n_chunks"]
+
+
+def prep_work(rundir: RunDir, tile: Tile, k=None) -> dict:
+    """The prep of `tile` (done-marker content without the job fields)."""
+    config = load_config(rundir.config)
+    return run_prep(rundir, config, tile, _manifest_chunks(rundir, tile))
+
+
+class PrepNotDone(DreError):
+    """A fit job whose tile's prep has no done marker."""
+
+    def __init__(self, tile: str, kind, content):
+        reason = {None: "no marker", "started": "it has started and not finished"}.get(
+            kind, (content or {}).get("reason") or "no reason recorded")
+        super().__init__(f"prep of tile {tile} is not done: {reason}")
+        self.retryable = kind != "failed"           # it may still finish; a failed one needs a rerun
+
+
+def fit_work(rundir: RunDir, tile: Tile, k: int) -> dict:
+    """Chunk `k` of `tile` (done-marker content without the job fields); PrepNotDone first."""
+    kind, prep = rundir.read_marker("prep", tile.name)
+    if kind != "done":
+        raise PrepNotDone(tile.name, kind, prep)
+    config = load_config(rundir.config)
+    return run_fit(rundir, config, tile, k, prep)
+
+
+WORK = {"prep": prep_work, "fit": fit_work}
+
+
+def run_stage(stage: str, rundir, tile=None, chunk=None) -> int:
+    """Run one prep or fit item between its markers: 0 when done, 1 when failed (recorded)."""
+    rundir = RunDir(rundir)
+    item, k = resolve_item(stage, rundir, tile, chunk)
+    rundir.write_marker(stage, item.name, k, "started", job_fields())
+    try:
+        content = WORK[stage](rundir, item, k)
+    except Exception as exc:          # everything is recorded; BaseException is left to `finish`
+        rundir.write_marker(stage, item.name, k, "failed",
+                            failed_content(one_line(exc), traceback.format_exc(),
+                                           retryable=getattr(exc, "retryable", False)))
+        print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: failed: {one_line(exc)}",
+              file=sys.stderr)
+        return FAILED_EXIT
+    rundir.write_marker(stage, item.name, k, "done", {**content, **job_fields()})
+    print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: done in {content['seconds']:.1f} s",
+          file=sys.stderr)
+    return 0
+
+
+# -- after the payload ----------------------------------------------------------------------------
+def exit_reason(exit_code: int) -> tuple:
+    """``(reason, retryable)`` for a payload that ended with `exit_code` without an outcome."""
+    if exit_code > 128:
+        try:
+            name = signal.Signals(exit_code - 128).name
+        except ValueError:
+            name = None
+        if name:
+            return f"killed by signal {exit_code - 128} ({name}; exit code {exit_code})", True
+    return f"exited with code {exit_code} without writing an outcome", False
+
+
+def finish(stage: str, rundir, exit_code: int, tile=None, chunk=None) -> int:
+    """Record the failure of a payload that exited non-zero without a done or failed marker.
+    Never fails itself: returns 0 (problems are printed)."""
+    try:
+        rundir = RunDir(rundir)
+        item, k = resolve_item(stage, rundir, tile, chunk)
+        kind, _ = rundir.read_marker(stage, item.name, k)
+        if exit_code == 0 or kind in ("done", "failed"):
+            return 0
+        if stage == "fit":
+            remove_chunk_outputs(rundir, item.name, k)
+        reason, retryable = exit_reason(exit_code)
+        rundir.write_marker(stage, item.name, k, "failed",
+                            failed_content(reason, None, exit_code, retryable))
+    except Exception as exc:
+        print(f"worker finish: cannot record the outcome: {one_line(exc)}", file=sys.stderr)
+    return 0
+
+
+# -- command line ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dre_hpc.batch.worker",
+                                description="Run one dre-batch job item (what the job scripts call).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("prep", "SExtractor, PSFEx and cuts of one tile"), ("fit", "fit one chunk")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("run_dir")
+        _item_options(s, chunk=name == "fit")
+    s = sub.add_parser("finish", help="record a payload that ended without an outcome")
+    s.add_argument("stage", choices=("prep", "fit"))
+    s.add_argument("run_dir")
+    s.add_argument("--exit-code", type=int, required=True, help="the payload's exit status")
+    _item_options(s, chunk=True)
+    return p
+
+
+def _item_options(parser, chunk: bool) -> None:
+    parser.add_argument("--tile", type=int, help="tile index in the manifest (default: from the job)")
+    if chunk:
+        parser.add_argument("--chunk", type=int, help="chunk index (default: the array index)")
+
+
+def drive(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", category=RuntimeWarning)      # numerical noise, as in `dre`
+    if args.command == "finish":
+        return finish(args.stage, args.run_dir, args.exit_code, args.tile, args.chunk)
+    return run_stage(args.command, args.run_dir, args.tile, getattr(args, "chunk", None))
+
+
+def main(argv=None) -> int:
+    return run_main("dre-batch worker", drive, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
