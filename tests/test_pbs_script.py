@@ -12,8 +12,12 @@ from __future__ import annotations
 import os
 import subprocess
 
+import pytest
+
 from dre_hpc.batch.config import resolve
 from dre_hpc.batch.render import render_script
+from dre_hpc.batch.rundir import RunDir
+from dre_hpc.batch.schedulers import PbsScheduler
 
 from standins import APPTAINER, LAUNCHER, PYTHON, calls, path_with, write_standin
 
@@ -35,8 +39,9 @@ def setup_run(tmp_path, overrides, scheduler, stage, python="/nonexistent/python
 
 def execute(tmp_path, run, stage, env, exit_code="0"):
     """Run the script like PBS does: from $HOME, by absolute path, with PBS_* set."""
-    full = dict(os.environ, STANDIN_LOG=str(tmp_path / "calls"), STANDIN_EXIT=exit_code,
-                PATH=path_with(tmp_path / "bin"), **env)
+    full = {k: v for k, v in os.environ.items() if k not in ("PBS_O_WORKDIR", "SLURM_SUBMIT_DIR")}
+    full.update(STANDIN_LOG=str(tmp_path / "calls"), STANDIN_EXIT=exit_code, PATH=path_with(tmp_path / "bin"),
+                **env)
     return subprocess.run(["bash", str(run / "scripts" / f"{stage}.sh")], cwd=tmp_path / "home",
                           env=full, capture_output=True, text=True, timeout=60)
 
@@ -55,10 +60,19 @@ def test_pbs_script_runs_the_worker_in_the_run_directory(tmp_path):
     assert all(c["cwd"] == str(run) and c["env"] == "2" for c in recorded)
 
 
+def test_pbs_script_under_the_torque_qsub_of_slurm(tmp_path):
+    """slurm-wlm-torque's qsub sets no PBS_* variables: the script falls back to SLURM_SUBMIT_DIR."""
+    python = write_standin(tmp_path / "bin", "python-host", PYTHON)
+    run = setup_run(tmp_path, [], "pbs", "fit", str(python))
+    proc = execute(tmp_path, run, "fit", {"SLURM_SUBMIT_DIR": str(run), "SLURM_ARRAY_TASK_ID": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert [(c["argv"][3], c["cwd"]) for c in calls(tmp_path / "calls")] == [("fit", str(run)), ("finish", str(run))]
+
+
 def test_pbs_script_without_workdir_fails_clearly(tmp_path):
     run = setup_run(tmp_path, [], "pbs", "fit")
     proc = execute(tmp_path, run, "fit", {})
-    assert proc.returncode != 0 and "PBS_O_WORKDIR: is not set: submit this script with qsub" in proc.stderr
+    assert proc.returncode != 0 and "neither PBS_O_WORKDIR nor SLURM_SUBMIT_DIR is set" in proc.stderr
 
 
 def test_container_wrapping_pbs_mpi(tmp_path):
@@ -94,3 +108,26 @@ def test_container_wrapping_local_hostile_image_path(tmp_path):
     recorded = calls(tmp_path / "calls")
     assert recorded[0]["argv"][1:] == ["exec", "--env", "PYTHONNOUSERSITE=1", image, "py3"] + WORKER + ["fit", "."]
     assert recorded[1]["program"] == "py3"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_pbs_script_through_the_torque_qsub_of_slurm(tmp_path, slurm_cluster, monkeypatch):
+    """The rendered PBS script submitted by PbsScheduler through the real qsub of slurm-wlm-torque
+    (sbatch also reads the #PBS lines): both array elements run the stand-in python in the run
+    directory with the real index (offset 2 + array index); `active` follows them via qstat."""
+    log = tmp_path / "calls"
+    python = write_standin(tmp_path / "bin", "python-host",
+                           PYTHON.replace('${STANDIN_LOG:?}', str(log)).replace(
+                               '${STANDIN_ENV:+${!STANDIN_ENV}}', '$DRE_ARRAY_OFFSET+$SLURM_ARRAY_TASK_ID'))
+    run = setup_run(tmp_path, ["resources.prep.mem_gb=0.1"], "pbs", "prep", str(python))
+    for key, value in slurm_cluster.cluster_env.items():
+        monkeypatch.setenv(key, value)
+    pbs = PbsScheduler(resolve(None, ["scheduler.name=pbs"]), RunDir(run))
+    command = pbs.submit_commands("prep", [2, 3], "dre-prep", {})[0]
+    job_id = pbs.submit(command.argv)
+    slurm_cluster.wait_for([job_id.split("[")[0].split(".")[0]], timeout=60)
+    recorded = calls(log)
+    assert sorted((c["argv"][3], c["env"]) for c in recorded) == [
+        ("finish", "2+0"), ("finish", "2+1"), ("prep", "2+0"), ("prep", "2+1")]
+    assert all(c["cwd"] == str(run) for c in recorded)

@@ -11,7 +11,8 @@
 # Rendered by dre_hpc.batch.render from templates/pbs.sh.j2: change the run
 # config and run dre-batch setup again rather than editing this file.
 set -uo pipefail
-cd "${PBS_O_WORKDIR:?is not set: submit this script with qsub}" || exit 2
+# PBS_O_WORKDIR: PBS Pro/Torque; SLURM_SUBMIT_DIR: the qsub of slurm-wlm-torque sets no PBS_* variables
+cd "${PBS_O_WORKDIR:-${SLURM_SUBMIT_DIR:?neither PBS_O_WORKDIR nor SLURM_SUBMIT_DIR is set: submit this script with qsub}}" || exit 2
 if [ ! -f manifest.json ]; then
     echo "dre-batch: $(pwd) is not a dre-batch run directory (no manifest.json)" >&2
     exit 2
