@@ -206,8 +206,9 @@ def start_cluster(state_dir: str | os.PathLike, timeout: float = 120.0) -> Slurm
         raise SlurmStartError(f"{SCRIPT} start {state} took more than {timeout} s\n"
                               f"{log_tails(state)}") from exc
     if proc.returncode != 0:
-        raise SlurmStartError(f"{SCRIPT} start {state} exited {proc.returncode}\n"
-                              f"{proc.stdout}{proc.stderr}\n{log_tails(state)}")
+        output = proc.stdout + proc.stderr
+        logs = "" if "----- last lines of" in output else "\n" + log_tails(state)
+        raise SlurmStartError(f"{SCRIPT} start {state} exited {proc.returncode}\n{output}{logs}")
     cluster_env = {}
     for line in proc.stdout.splitlines():
         key, sep, value = line.partition("=")
@@ -243,7 +244,11 @@ def session_cluster(tmp_path_factory):
     try:
         cluster = start_cluster(state)
     except SlurmStartError as exc:
-        pytest.fail(f"the single-host SLURM did not start:\n{exc}", pytrace=False)
+        failure = str(exc)
+    else:
+        failure = None
+    if failure is not None:  # outside the except block: pytest would show the message twice
+        pytest.fail(f"the single-host SLURM did not start:\n{failure}", pytrace=False)
     try:
         yield cluster
     finally:

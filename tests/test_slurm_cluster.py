@@ -62,10 +62,10 @@ def test_dependency_on_failed_job_is_cancelled_not_left_pending(slurm_cluster, t
 
 
 def test_dependency_on_one_array_element(slurm_cluster, tmp_path):
-    # Element 1 ends at once, elements 0 and 2 after 4 s: the dependent job must run in between.
+    # Element 1 ends at once, elements 0 and 2 after 6 s: the dependent job must run in between.
     array = slurm_cluster.sbatch(
         "--array=0-2", "--output=/dev/null", "--wrap",
-        '[ "$SLURM_ARRAY_TASK_ID" = 1 ] || sleep 4; touch done_$SLURM_ARRAY_TASK_ID', cwd=tmp_path)
+        '[ "$SLURM_ARRAY_TASK_ID" = 1 ] || sleep 6; touch done_$SLURM_ARRAY_TASK_ID', cwd=tmp_path)
     dependent = slurm_cluster.sbatch(f"--dependency=afterok:{array}_1", "--output=/dev/null",
                                      "--wrap", "ls done_* > seen", cwd=tmp_path)
     states = slurm_cluster.wait_for([array, dependent], timeout=30)
