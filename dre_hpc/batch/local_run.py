@@ -1,0 +1,91 @@
+"""``dre-batch run`` on the local scheduler: the same job scripts, run here as subprocesses.
+
+Prep tasks start first; the fits of a tile start as soon as its prep succeeded (a failed prep
+leaves them blocked, with the prep's reason in its marker). At most ``scheduler.max_parallel`` run
+at once. The submissions are recorded like a cluster's (job id ``local-<pid>``), so `status` can
+tell a chunk that is still running from one whose process died.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .rundir import RunDir
+from .schedulers.local import LocalTask
+
+
+def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
+    """Run the plan's prep and fit scripts; 0 when every task succeeded, 1 otherwise."""
+    from .run import _submit
+    job_id = f"local-{os.getpid()}"
+    tiles = {t.name: t for t in rundir.tiles()}
+    if dry_run:
+        if plan.prep:
+            _submit(rundir, scheduler, "prep", None, [t.index for t in plan.prep], "prep", {}, None, True, out)
+        for name, chunks in plan.fits.items():
+            if chunks is None:
+                out(f"# fits of tile {name}: run when its prep has counted the objects")
+                continue
+            _submit(rundir, scheduler, "fit", name, chunks, "fit", {"DRE_TILE": str(tiles[name].index)},
+                    None, True, out)
+        return 0
+    prep_names = {t.name for t in plan.prep}
+    tasks = [_prep_task(rundir, t, job_id) for t in plan.prep]
+    if plan.prep:
+        _record(rundir, scheduler, "prep", None, [t.index for t in plan.prep], job_id)
+    for name, chunks in plan.fits.items():
+        if name not in prep_names and chunks is not None:
+            tasks += _fit_tasks(rundir, scheduler, tiles[name], chunks, job_id)
+
+    def follow(task, returncode):
+        if task.stage != "prep":
+            _report(rundir, task, returncode, out)
+            return []
+        tile = rundir.tile(task.tile_index)
+        _report(rundir, task, returncode, out)
+        if returncode != 0 or tile.name not in plan.fits:
+            return []
+        chunks = plan.fits[tile.name]
+        return _fit_tasks(rundir, scheduler, tile, range(tile.n_chunks) if chunks is None else chunks,
+                          job_id)
+
+    codes = scheduler.run(tasks, follow=follow)
+    failed = sum(1 for code in codes.values() if code != 0)
+    out(f"{len(codes)} jobs run, {failed} failed" + (" (see `dre-batch status`)" if failed else ""))
+    return 1 if failed else 0
+
+
+def _prep_task(rundir, tile, job_id) -> LocalTask:
+    return LocalTask(key=("prep", tile.index, None), stage="prep", tile_index=tile.index,
+                     env={"DRE_ARRAY_INDEX": str(tile.index), "DRE_JOB_ID": job_id},
+                     log=rundir.log("prep", tile.name))
+
+
+def _fit_tasks(rundir, scheduler, tile, chunks, job_id) -> list:
+    chunks = list(chunks)
+    if chunks:
+        _record(rundir, scheduler, "fit", tile.name, chunks, job_id)
+    return [LocalTask(key=("fit", tile.index, k), stage="fit", tile_index=tile.index,
+                      env={"DRE_ARRAY_INDEX": str(k), "DRE_TILE": str(tile.index), "DRE_JOB_ID": job_id},
+                      log=rundir.log("fit", tile.name, k)) for k in chunks]
+
+
+def _record(rundir, scheduler, stage, tile, indices, job_id) -> None:
+    from .run import _now
+    rundir.record_submission({"stage": stage, "tile": tile, "indices": list(indices), "offset": 0,
+                              "job_id": job_id, "scheduler": scheduler.name,
+                              "command": ["bash", f"scripts/{stage}.sh"], "time": _now()})
+
+
+def _report(rundir, task, returncode, out) -> None:
+    """One line per finished task: what ran and its outcome (the reason when it failed)."""
+    tile = rundir.tile(task.tile_index)
+    what = f"{task.stage} {tile.name}" + (f" chunk {task.key[2]}" if task.stage == "fit" else "")
+    outcome, content = rundir.read_marker(task.stage, tile.name, task.key[2])
+    if returncode == 0 and outcome == "done":
+        extra = f" ({content.get('n_objects')} objects, {content.get('n_chunks')} chunks)" \
+            if task.stage == "prep" else f" ({content.get('rows')} rows)"
+        out(f"{what}: done{extra}")
+    else:
+        reason = (content or {}).get("reason") or f"exit code {returncode}"
+        out(f"{what}: failed: {reason}")

@@ -1,0 +1,183 @@
+"""``dre-batch run``: submit (or, with the local scheduler, execute) the jobs of a run.
+
+What is submitted follows from the markers (`status.collect`): a plain run submits every item that
+was never submitted, ``failed_only`` only the items that failed or vanished (and the fits blocked
+by a failed prep that is submitted again); items that are pending, running or done are never
+submitted twice. Prep runs as one array over tiles, each tile's fits as one array over its chunks
+depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
+is known only after prep: then the prep job submits its tile's fit array itself when it ends
+(`submit_tile_fits`). A lock (``DIR/.run.lock``, flock) keeps two ``run`` commands apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import shlex
+from dataclasses import dataclass, field
+
+from dre_hpc.errors import DreError
+
+from .config import load_config
+from .rundir import RunDir
+from .schedulers import get_scheduler
+from .status import collect
+
+SUBMITTABLE = {False: ("unsubmitted",), True: ("failed",)}
+
+
+class RunLockedError(DreError):
+    """Another ``dre-batch run`` is working on the same run directory."""
+
+
+@dataclass
+class Plan:
+    """What one ``run`` submits: tiles whose prep runs, chunks whose fit runs (per tile name;
+    None: all chunks, known after prep), and notes for the user."""
+
+    prep: list = field(default_factory=list)
+    fits: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not self.prep and not self.fits
+
+
+@contextlib.contextmanager
+def run_lock(rundir: RunDir):
+    """Hold ``DIR/.run.lock`` exclusively (non-blocking) for the body, or raise RunLockedError."""
+    handle = open(rundir.lock, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise RunLockedError(f"{rundir.root}: another dre-batch run is working on this run "
+                                 f"directory ({holder}); wait for it or check `dre-batch status`") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} since {_now()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def plan_run(rundir: RunDir, status, failed_only=False, stage=None) -> Plan:
+    """The items to submit, from the current status (see the module docstring)."""
+    wanted = SUBMITTABLE[bool(failed_only)]
+    plan = Plan()
+    tiles = {t.name: t for t in rundir.tiles()}
+    prep_state = {}
+    for item in status.items:
+        if item.stage == "prep":
+            prep_state[item.tile] = item.state
+            if stage in (None, "prep") and item.state in wanted:
+                plan.prep.append(tiles[item.tile])
+    rerun = {t.name for t in plan.prep}
+    for item in status.items:
+        if item.stage != "fit" or stage not in (None, "fit"):
+            continue
+        prep_ok = prep_state[item.tile] in ("done", "pending", "running") or item.tile in rerun
+        if item.chunk is None:                 # chunk count known after prep
+            if item.tile in rerun or (prep_state[item.tile] == "done" and item.state in wanted):
+                plan.fits.setdefault(item.tile, None)
+            continue
+        if item.state in wanted or (failed_only and item.state == "blocked" and item.tile in rerun):
+            if prep_ok:
+                chunks = plan.fits.setdefault(item.tile, [])
+                if chunks is not None:
+                    chunks.append(item.chunk)
+            else:
+                plan.notes.append(f"fits of tile {item.tile} wait for its prep ({prep_state[item.tile]})")
+    plan.notes = sorted(set(plan.notes))
+    return plan
+
+
+def run(run_dir, dry_run=False, failed_only=False, stage=None, out=print) -> int:
+    """Submit (or run locally) what `plan_run` selects; print the submit commands. Exit code 0 when
+    everything was submitted (local: when every job succeeded), 1 otherwise."""
+    rundir = RunDir(run_dir).require()
+    config = load_config(rundir.config)
+    scheduler = get_scheduler(config, rundir)
+    with contextlib.nullcontext() if dry_run else run_lock(rundir):
+        status = collect(rundir, scheduler)
+        plan = plan_run(rundir, status, failed_only, stage)
+        for note in plan.notes:
+            out(f"note: {note}")
+        if plan.empty():
+            hint = " (some items failed: use --failed-only)" if status.counts.get("failed") else ""
+            out(f"nothing to submit{hint}")
+            return 0
+        if scheduler.name == "local":
+            from .local_run import run_local
+            return run_local(rundir, config, scheduler, plan, dry_run, out)
+        return submit_plan(rundir, config, scheduler, plan, dry_run, out)
+
+
+def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
+    """Submit the prep array, then each tile's fit array with afterok on its prep element."""
+    name = config.run["name"]
+    prep_jobs = {}
+    if plan.prep:
+        indices = [t.index for t in plan.prep]
+        for job_id in _submit(rundir, scheduler, "prep", None, indices, f"{name}-prep", {}, None,
+                              dry_run, out):
+            prep_jobs.update(job_id)
+    tiles = {t.name: t for t in rundir.tiles()}
+    earlier = _pending_prep_jobs(rundir)
+    for tile_name, chunks in plan.fits.items():
+        tile = tiles[tile_name]
+        if chunks is None:
+            out(f"# fits of tile {tile_name}: submitted by its prep job once it has counted the "
+                f"objects (chunking.objects_per_chunk)")
+            continue
+        after = None
+        if tile.index in prep_jobs or tile.index in earlier:
+            job_id, offset = prep_jobs.get(tile.index) or earlier[tile.index]
+            after = [scheduler.dependency_id(job_id, tile.index - offset)]
+        _submit(rundir, scheduler, "fit", tile_name, sorted(chunks), f"{name}-fit-{tile_name}",
+                {"DRE_TILE": str(tile.index)}, after, dry_run, out)
+    return 0
+
+
+def submit_tile_fits(rundir: RunDir, tile_index: int) -> list:
+    """Submit all fit chunks of one tile (called by its prep job when the chunk count is known)."""
+    config = load_config(rundir.config)
+    scheduler = get_scheduler(config, rundir)
+    tile = rundir.tile(tile_index)
+    return _submit(rundir, scheduler, "fit", tile.name, list(range(tile.n_chunks)),
+                   f"{config.run['name']}-fit-{tile.name}", {"DRE_TILE": str(tile.index)}, None,
+                   False, lambda text: None)
+
+
+def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_run, out) -> list:
+    """Submit one array per block of `indices`; record each; return ``[{index: (job_id, offset)}]``."""
+    results = []
+    for argv, block, offset in scheduler.submit_commands(stage, indices, job_name, env, after):
+        out(shlex.join(argv))
+        if dry_run:
+            continue
+        job_id = scheduler.submit(argv)
+        rundir.record_submission({"stage": stage, "tile": tile, "indices": list(block), "offset": offset,
+                                  "job_id": job_id, "scheduler": scheduler.name, "command": list(argv),
+                                  "time": _now()})
+        results.append({i: (job_id, offset) for i in block})
+    return results
+
+
+def _pending_prep_jobs(rundir) -> dict:
+    """Tile index -> (job id, offset) of the latest prep submission of each tile."""
+    jobs = {}
+    for record in rundir.submissions():
+        if record.get("stage") == "prep":
+            for index in record["indices"]:
+                jobs[index] = (record["job_id"], record.get("offset", 0))
+    return jobs

@@ -1,0 +1,135 @@
+"""``dre-batch setup``: create a run directory from a run config and a list of tiles; submit nothing.
+
+The run directory gets the resolved config, the provenance record, the manifest (tile index ->
+name, image, chunk count) and one rendered job script per stage (array jobs: the prep array runs
+over tiles, each tile's fit array over its chunks; see `rundir`). An existing run directory is
+never overwritten without ``clobber``, and ``clobber`` removes only a directory that is a run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import importlib.metadata
+import platform
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from dre_hpc import __version__
+from dre_hpc.errors import InputError
+from dre_hpc.preprocess.layout import tile_name
+
+from .config import load_config
+from .render import render_script
+from .rundir import RunDir, safe_tile_name, write_atomic, write_json
+
+STAGES = ("prep", "fit")
+_PACKAGES = ("numpy", "scipy", "astropy", "h5py", "jinja2", "PyYAML", "mpi4py", "cupy-cuda12x")
+
+
+def read_tiles_file(path) -> list:
+    """Absolute image paths from a text file, one a line (relative to the current directory;
+    blank lines and ``#`` comments skipped). Every image must exist, once."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: tiles file not found (a text file with one image path a line)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the tiles file: {exc}") from None
+    images, seen = [], {}
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        image = Path(text).expanduser().absolute()
+        if not image.is_file():
+            raise InputError(f"{path}, line {number}: image {text!r} not found")
+        if image in seen:
+            raise InputError(f"{path}, line {number}: image {text!r} is listed twice (also line {seen[image]})")
+        seen[image] = number
+        images.append(image)
+    if not images:
+        raise InputError(f"{path}: no image paths in the tiles file")
+    return images
+
+
+def tile_entries(images, n_chunks) -> list:
+    """Manifest entries: index, unique safe name, image, chunk count (None: known after prep)."""
+    entries, names = [], {}
+    for index, image in enumerate(images):
+        name = safe_tile_name(tile_name(image))
+        if name in names:
+            raise InputError(f"tiles {names[name]} and {image} both give the tile name {name!r}; "
+                             f"tile names must be unique in a run (rename one)")
+        names[name] = image
+        entries.append({"index": index, "name": name, "image": str(image), "n_chunks": n_chunks})
+    return entries
+
+
+def provenance(config, argv, python) -> dict:
+    """What produced the run: versions, seed, config hash, command line, host and time (no environment)."""
+    versions = {"dre_hpc": __version__, "python": platform.python_version()}
+    for package in _PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"run": config.run["name"], "seed": config.run["seed"], "config_hash": config.hash(),
+            "command_line": list(argv), "python": python, "versions": versions,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": socket.gethostname(), "user": _user(), "cwd": str(Path.cwd())}
+
+
+def _user():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
+def prepare_directory(root: Path, clobber: bool) -> None:
+    """Refuse an existing, non-empty directory unless ``clobber`` and it is a dre-batch run."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root}: exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()):
+        if not RunDir(root).exists():
+            raise InputError(f"{root}: exists, is not empty and is not a dre-batch run; "
+                             f"choose another --run-dir (--clobber removes only run directories)")
+        if not clobber:
+            raise InputError(f"{root}: a run exists there already; use --clobber to replace it "
+                             f"(this deletes its outputs)")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def setup_run(config_path, tiles_file, run_dir, overrides=(), clobber=False, argv=None) -> RunDir:
+    """Create the run directory `run_dir`; return its `RunDir`. Nothing is submitted."""
+    config = load_config(config_path, overrides)
+    images = read_tiles_file(tiles_file)
+    chunks = config.chunking["chunks_per_tile"]
+    entries = tile_entries(images, chunks)
+    python = config.run["python"] or sys.executable
+    root = Path(run_dir).absolute()
+    scripts = {stage: render_script(config, config.scheduler["name"], stage,
+                                    {"run_name": config.run["name"], "stage": stage, "python": python,
+                                     "job_name": f"{config.run['name']}-{stage}"})
+               for stage in STAGES}                        # render first: a bad value writes nothing
+    prepare_directory(root, clobber)
+    rundir = RunDir(root)
+    try:
+        write_atomic(rundir.config, config.to_yaml())
+        record = provenance(config, list(sys.argv if argv is None else argv), python)
+        write_json(rundir.provenance, record)
+        for stage, text in scripts.items():
+            write_atomic(rundir.script(stage), text, mode=0o777)
+        # The manifest last: its presence is what makes the directory a run.
+        write_json(rundir.manifest, {"run": config.run["name"], "scheduler": config.scheduler["name"],
+                                     "config_hash": config.hash(), "chunking": dict(config.chunking),
+                                     "created": record["created"], "tiles": entries})
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return rundir

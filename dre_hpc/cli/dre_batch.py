@@ -1,0 +1,137 @@
+"""``dre-batch``: chunked runs of the tile workflow on SLURM, PBS or this machine.
+
+Subcommands: setup, run, status, collate, link, archive, clean. Each parses its arguments and
+calls one driver function of `dre_hpc.batch`; errors become one line and an exit code in
+`common.run_main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .common import run_main
+
+
+def _setup(args, argv):
+    from ..batch.setup_run import setup_run
+    rundir = setup_run(args.config, args.tiles, args.run_dir, args.set, args.clobber,
+                       argv=["dre-batch"] + list(argv))
+    tiles = rundir.tiles()
+    print(f"run directory {rundir.root}: {len(tiles)} tiles, scripts in {rundir.root / 'scripts'}; "
+          f"nothing submitted (next: dre-batch run {args.run_dir})")
+    return 0
+
+
+def _run(args, argv):
+    from ..batch.run import run
+    return run(args.run_dir, dry_run=args.dry_run, failed_only=args.failed_only, stage=args.stage,
+               out=lambda text: print(text, flush=True))
+
+
+def _status(args, argv):
+    from ..batch.rundir import RunDir
+    from ..batch.status import collect, format_progress, format_table, wait
+    from ..batch.config import load_config
+    from ..batch.schedulers import get_scheduler
+    rundir = RunDir(args.run_dir).require()
+    scheduler = get_scheduler(load_config(rundir.config), rundir)
+    live = sys.stderr.isatty() and not args.json
+    if args.wait:
+        def show(status):
+            if live:
+                print("\r" + format_progress(status), end="", file=sys.stderr, flush=True)
+        status = wait(rundir, scheduler, interval=args.interval, on_update=show)
+        if live:
+            print(file=sys.stderr)
+    else:
+        status = collect(rundir, scheduler)
+    if args.json:
+        print(json.dumps(status.to_json(), indent=1))
+    else:
+        print(format_table(status))
+    return 0 if status.all_done else 1
+
+
+def _collate(args, argv):
+    from ..batch.collate import collate
+    from ..batch.rundir import RunDir
+    report = collate(RunDir(args.run_dir).require(), allow_missing=args.allow_missing)
+    print(report)
+    return 0
+
+
+def _link(args, argv):
+    from ..batch.archive import link
+    from ..batch.rundir import RunDir
+    print(link(RunDir(args.run_dir).require()))
+    return 0
+
+
+def _archive(args, argv):
+    from ..batch.archive import archive
+    from ..batch.rundir import RunDir
+    print(archive(RunDir(args.run_dir).require()))
+    return 0
+
+
+def _clean(args, argv):
+    from ..batch.archive import clean
+    from ..batch.rundir import RunDir
+    print(clean(RunDir(args.run_dir).require(), args.what))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dre-batch", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("setup", help="create a run directory and render its job scripts; submit nothing")
+    s.add_argument("config", help="run config (YAML; see run_configs/)")
+    s.add_argument("tiles", help="text file with one image path a line")
+    s.add_argument("--run-dir", required=True, help="run directory to create")
+    s.add_argument("--clobber", action="store_true", help="replace an existing run directory")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable)")
+    s.set_defaults(func=_setup)
+    r = sub.add_parser("run", help="submit the jobs (local scheduler: run them here)")
+    r.add_argument("run_dir")
+    r.add_argument("--dry-run", action="store_true", help="print the submit commands, submit nothing")
+    r.add_argument("--failed-only", action="store_true", help="resubmit only failed or vanished jobs")
+    r.add_argument("--stage", choices=("prep", "fit"), help="submit only this stage")
+    r.set_defaults(func=_run)
+    st = sub.add_parser("status", help="state of every tile and chunk; exit 0 only when all are done")
+    st.add_argument("run_dir")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.add_argument("--wait", action="store_true", help="block until nothing is pending or running")
+    st.add_argument("--interval", type=float, default=10.0, help="--wait polling interval in s (default 10)")
+    st.set_defaults(func=_status)
+    c = sub.add_parser("collate", help="verify the chunks and merge them per tile and into one catalogue")
+    c.add_argument("run_dir")
+    c.add_argument("--allow-missing", action="store_true", help="collate what is done; list the rest")
+    c.set_defaults(func=_collate)
+    for name, func, text in (("link", _link, "put the final files into DIR/output/"),
+                             ("archive", _archive, "pack logs, scripts and markers; remove chunk files")):
+        a = sub.add_parser(name, help=text)
+        a.add_argument("run_dir")
+        a.set_defaults(func=func)
+    cl = sub.add_parser("clean", help="remove intermediates of a collated run")
+    cl.add_argument("run_dir")
+    cl.add_argument("what", nargs="?", default="all", choices=("prep", "chunks", "all"),
+                    help="prep products, chunk outputs or both (default: all)")
+    cl.set_defaults(func=_clean)
+    return p
+
+
+def _driver(argv):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    return args.func(args, argv)
+
+
+def main(argv=None) -> int:
+    return run_main("dre-batch", _driver, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
