@@ -19,23 +19,25 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import h5py
-import numpy as np
-from astropy.io import fits
-from astropy.table import Column, Table, vstack
 
 from dre_hpc import __version__
 from dre_hpc.batch.chunking import ChunkingError, chunk_range
 from dre_hpc.batch.config import load_config
+from dre_hpc.batch.merge import DuplicateObject, TablePart, read_part, write_chi, write_tables
 from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
 
 RECORD = "collate.json"
 MISSING = "missing.json"
+PER_TILE_CARDS = ("TILE", "PSF")   # header cards of a tile's table left out of the flat catalogue
+THREADS = min(4, os.cpu_count() or 1)   # chunks verified at once (mostly SHA-256, off the GIL)
 SHOWN = 20                     # problems listed in an error message; the rest are counted
 
 
@@ -53,6 +55,7 @@ class Chunk:
     stop: int
     paths: dict
     sha256: dict
+    part: TablePart
 
 
 @dataclass
@@ -104,11 +107,12 @@ def _check_chunk(rundir: RunDir, tile, k: int, n_objects) -> tuple:
     paths, problems = rundir.chunk_outputs(tile.name, k), []
     for name, path in paths.items():
         problems += _check_file(rundir, path, (outputs or {}).get(name))
-    if not problems:
-        problems += _check_contents(paths, rows, start)
     if problems:
         return None, problems
-    return Chunk(tile.name, k, start, stop, paths, {n: outputs[n]["sha256"] for n in paths}), []
+    part, problems = _check_contents(paths, rows)
+    if problems:
+        return None, problems
+    return Chunk(tile.name, k, start, stop, paths, {n: outputs[n]["sha256"] for n in paths}, part), []
 
 
 def _check_file(rundir: RunDir, path, recorded) -> list:
@@ -126,23 +130,23 @@ def _check_file(rundir: RunDir, path, recorded) -> list:
     return []
 
 
-def _check_contents(paths: dict, rows: int, start: int) -> list:
-    """The FITS table has `rows` rows (header only) and the chi file `rows` datasets."""
+def _check_contents(paths: dict, rows: int) -> tuple:
+    """``(TablePart, problems)``: the FITS table has `rows` rows (its header is read, not the
+    data) and the chi file `rows` datasets."""
     try:
-        with fits.open(paths["dre"], memmap=False, lazy_load_hdus=True) as hdus:
-            n_fits = int(hdus[1].header["NAXIS2"])
+        part = read_part(paths["dre"])
     except (OSError, IndexError, KeyError, ValueError) as exc:
-        return [f"{paths['dre']}: cannot read the FITS table: {exc}"]
-    if n_fits != rows:
-        return [f"{paths['dre']}: {n_fits} rows, the done marker records {rows}"]
+        return None, [f"{paths['dre']}: cannot read the FITS table: {exc}"]
+    if part.rows != rows:
+        return None, [f"{paths['dre']}: {part.rows} rows, the done marker records {rows}"]
     try:
         with h5py.File(paths["chi"], "r") as h5:
             n_chi = len(h5)
     except OSError as exc:
-        return [f"{paths['chi']}: cannot read the chi file: {exc}"]
+        return None, [f"{paths['chi']}: cannot read the chi file: {exc}"]
     if n_chi != rows:
-        return [f"{paths['chi']}: {n_chi} objects, the done marker records {rows}"]
-    return []
+        return None, [f"{paths['chi']}: {n_chi} objects, the done marker records {rows}"]
+    return part, []
 
 
 def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
@@ -156,19 +160,19 @@ def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
         raise CollateError(f"{rundir.root}: cannot collate, " + _listing(lines, "chunks not done")
                            + "\n(dre-batch run --failed-only reruns them; --allow-missing collates the rest)")
     done = {(i.tile, i.chunk) for i in status.items if i.stage == "fit" and i.state == "done"}
-    chunks, problems = {}, []
+    chunks, jobs = {}, []
     for tile in rundir.tiles():
         chunks[tile.name] = []
-        if tile.n_chunks is None:
-            continue
-        _, prep = rundir.read_marker("prep", tile.name)
-        n_objects = (prep or {}).get("n_objects")
-        for k in range(tile.n_chunks):
-            if (tile.name, k) in done:
-                chunk, bad = _check_chunk(rundir, tile, k, n_objects)
-                problems += bad
-                if chunk:
-                    chunks[tile.name].append(chunk)
+        if tile.n_chunks is not None:
+            _, prep = rundir.read_marker("prep", tile.name)
+            n_objects = (prep or {}).get("n_objects")
+            jobs += [(tile, k, n_objects) for k in range(tile.n_chunks) if (tile.name, k) in done]
+    problems = []
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:     # hashing releases the GIL
+        for chunk, bad in pool.map(lambda job: _check_chunk(rundir, *job), jobs):
+            problems += bad
+            if chunk:
+                chunks[chunk.tile].append(chunk)
     if problems:
         raise CollateError(f"{rundir.root}: cannot collate, " + _listing(problems, "bad chunks")
                            + "\n(remove a bad chunk's done marker and rerun it with dre-batch run --failed-only)")
@@ -177,51 +181,7 @@ def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
     return chunks, missing
 
 
-def _write_replace(path, writer) -> None:
-    """Call ``writer(tmp)`` for a temporary name next to `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_fits(path, table: Table) -> None:
-    _write_replace(path, lambda tmp: table.write(tmp, format="fits", overwrite=True))
-
-
-def _merge_tables(chunks: list) -> Table:
-    tables = [Table.read(c.paths["dre"], format="fits", hdu=1, memmap=False) for c in chunks]
-    if len(tables) == 1:
-        return tables[0]
-    try:
-        return vstack(tables, join_type="exact", metadata_conflicts="silent")
-    except Exception as exc:      # astropy raises TableMergeError or ValueError for unlike columns
-        raise CollateError(f"{chunks[0].paths['dre'].parent}: chunk tables of tile {chunks[0].tile} "
-                           f"have different columns: {exc}") from None
-
-
-def _merge_chi(path, chunks: list) -> None:
-    """Copy every chunk's datasets into one file (h5o.copy: no decompression or recompression)."""
-    def write(tmp):
-        with h5py.File(tmp, "w") as out:
-            for position, chunk in enumerate(chunks):
-                with h5py.File(chunk.paths["chi"], "r") as src:
-                    if position == 0:
-                        out.attrs.update(dict(src.attrs))
-                    for name in src:
-                        key = name.encode("utf-8")
-                        if key in out:
-                            raise CollateError(f"{chunk.paths['chi']}: object {name} is also in an "
-                                               f"earlier chunk of tile {chunk.tile}")
-                        h5py.h5o.copy(src.id, key, out.id, key)
-    _write_replace(path, write)
-
-
-def _provenance(rundir: RunDir, config, n_tiles: int, n_objects: int, n_missing, when: str) -> dict:
+def _provenance(config, n_tiles: int, n_objects: int, n_missing, when: str) -> dict:
     """Header cards of the collated catalogues: (value, comment) by keyword."""
     cards = {"RUNNAME": config["run"]["name"],          # long values: no comment (CONTINUE cards)
              "CFGHASH": config.hash(),                  # SHA-256 of the resolved run config
@@ -235,20 +195,21 @@ def _provenance(rundir: RunDir, config, n_tiles: int, n_objects: int, n_missing,
     return cards
 
 
-def _stamp(table: Table, cards: dict) -> None:
-    table.meta.setdefault("DRE_VER", __version__)
-    for key, value in cards.items():
-        table.meta[key] = value
-
-
-def _flat(tables: dict) -> Table:
-    """All tiles in manifest order with a ``TILE`` string column first."""
-    parts = []
-    for name, table in tables.items():
-        part = table.copy(copy_data=False)
-        part.add_column(Column(np.full(len(table), name.encode("ascii", "replace")), name="TILE"), index=0)
-        parts.append(part)
-    return vstack(parts, join_type="exact", metadata_conflicts="silent") if len(parts) > 1 else parts[0]
+def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict) -> dict:
+    """Write ``<tile>_dre.fits`` and ``<tile>_chi.h5``; ``{path: (sha256, bytes)}``."""
+    fits_path, chi_path = rundir.collated(f"{tile}_dre.fits"), rundir.collated(f"{tile}_chi.h5")
+    parts = [c.part for c in done]
+    cards = dict(cards, DRE_VER=parts[0].header.get("DRE_VER", __version__))
+    try:
+        written = {fits_path: write_tables(fits_path, parts, cards)}
+    except ValueError as exc:
+        raise CollateError(f"{rundir.chunk_dir(tile)}: cannot merge the chunk tables of tile {tile}: "
+                           f"{exc}") from None
+    try:
+        written[chi_path] = write_chi(chi_path, [c.paths["chi"] for c in done])
+    except DuplicateObject as exc:
+        raise CollateError(f"tile {tile}: {exc}") from None
+    return written
 
 
 def collate(rundir, allow_missing: bool = False) -> CollateReport:
@@ -259,33 +220,26 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
     chunks, missing = verify(rundir, allow_missing)
     rundir.collated(RECORD).unlink(missing_ok=True)        # the old record is void from here on
     when, run = _now(), config["run"]["name"]
-    per_tile_missing = {}
-    for m in missing:
-        per_tile_missing[m["tile"]] = per_tile_missing.get(m["tile"], 0) + 1
-    tables, outputs = {}, []
+    tile_missing = Counter(m["tile"] for m in missing)
+    written, rows = {}, {}
     for tile, done in chunks.items():
-        if not done:
-            continue
-        table = _merge_tables(done)
-        n_missing = per_tile_missing.get(tile, 0) if allow_missing else None
-        cards = _provenance(rundir, config, 1, len(table), n_missing, when)
-        _stamp(table, {"TILE": tile, **cards})
-        _write_fits(rundir.collated(f"{tile}_dre.fits"), table)
-        _merge_chi(rundir.collated(f"{tile}_chi.h5"), done)
-        outputs += [rundir.collated(f"{tile}_dre.fits"), rundir.collated(f"{tile}_chi.h5")]
-        tables[tile] = table
-    flat = _flat(tables)
-    flat.meta = {k: v for k, v in flat.meta.items() if k != "TILE"}
-    _stamp(flat, _provenance(rundir, config, len(tables), len(flat), len(missing) if allow_missing else None,
-                             when))
-    _write_fits(rundir.collated(f"{run}_dre.fits"), flat)
-    outputs.append(rundir.collated(f"{run}_dre.fits"))
-    rows = {tile: len(table) for tile, table in tables.items()}
-    _write_records(rundir, chunks, missing, outputs, rows, when, allow_missing)
-    return CollateReport(run, rows, outputs, missing, time.perf_counter() - begin)
+        if done:
+            rows[tile] = sum(c.stop - c.start for c in done)
+            cards = _provenance(config, 1, rows[tile], tile_missing[tile] if allow_missing else None, when)
+            written.update(_merge_tile(rundir, tile, done, {"TILE": tile, **cards}))
+    flat_path = rundir.collated(f"{run}_dre.fits")
+    parts = [(tile, c.part) for tile, done in chunks.items() for c in done]
+    cards = _provenance(config, len(rows), sum(rows.values()), len(missing) if allow_missing else None, when)
+    try:
+        written[flat_path] = write_tables(flat_path, [p for _, p in parts], cards,
+                                          labels=[t for t, _ in parts], drop=PER_TILE_CARDS)
+    except ValueError as exc:
+        raise CollateError(f"{flat_path}: cannot stack the tiles' tables: {exc}") from None
+    _write_records(rundir, chunks, missing, written, rows, when, allow_missing)
+    return CollateReport(run, rows, list(written), missing, time.perf_counter() - begin)
 
 
-def _write_records(rundir: RunDir, chunks, missing, outputs, rows, when, allow_missing) -> None:
+def _write_records(rundir: RunDir, chunks, missing, outputs: dict, rows, when, allow_missing) -> None:
     """``missing.json`` (only with missing chunks) and the verification record ``collate.json``."""
     if missing:
         write_json(rundir.collated(MISSING), {"time": when, "missing": missing})
@@ -296,8 +250,8 @@ def _write_records(rundir: RunDir, chunks, missing, outputs, rows, when, allow_m
         "tiles": {tile: {"rows": rows.get(tile, 0),
                          "chunks": [{"chunk": c.k, "start": c.start, "stop": c.stop, "sha256": c.sha256}
                                     for c in done]} for tile, done in chunks.items()},
-        "outputs": {p.relative_to(rundir.root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-                    for p in outputs},
+        "outputs": {p.relative_to(rundir.root).as_posix(): {"sha256": sha, "bytes": size}
+                    for p, (sha, size) in outputs.items()},
     }
     write_json(rundir.collated(RECORD), record)
 

@@ -1,0 +1,212 @@
+"""Merging chunk outputs: FITS tables (by bytes where possible) and chi-square HDF5 files.
+
+FITS: collating a run joins thousands of chunk tables with the same columns. Parsing each into an
+astropy Table and stacking them costs tens of milliseconds per file; here each table's header is
+read once (lazily), its data block is copied as bytes and a new header (the first part's, with
+``NAXIS2`` and the given cards) is written in front. Optionally a fixed-width string column (e.g.
+``TILE``) is put first, one label per part. Only plain binary tables qualify: no heap (``PCOUNT``
+0) and the same column keywords (``TTYPEn``, ``TFORMn``, ``TNULLn``, ...) in every part;
+otherwise `write_tables` falls back to astropy (read, stack, write), which is slower but general.
+
+HDF5: `write_chi` copies every dataset of the chunk files into one file with ``H5Ocopy`` (no
+decompression or recompression), with the attributes of the first file.
+
+Every output is written under a temporary name in its folder and renamed (`replace_write`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+from astropy.io import fits
+from astropy.table import Column, Table, vstack
+
+from dre_hpc.batch.rundir import file_sha256
+
+COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|TCRPX|"
+                        r"TCRVL|TCDLT|TRPOS)(\d+)$")
+DROPPED = ("CHECKSUM", "DATASUM")          # invalid once the data change
+BLOCK = 2880
+
+
+@dataclass
+class TablePart:
+    """One binary table extension (HDU 1) of a file: header, where its data start, row count."""
+
+    path: str
+    header: fits.Header
+    offset: int
+    rows: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.header["NAXIS1"] * self.rows
+
+
+def read_part(path) -> TablePart:
+    """The header and data location of the first extension of `path` (a binary table), or a
+    ValueError/OSError when it is not one without a heap."""
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
+        header = hdus[1].header.copy()
+        offset = hdus.fileinfo(1)["datLoc"]
+    if header.get("XTENSION") != "BINTABLE":
+        raise ValueError(f"{path}: extension 1 is not a binary table")
+    if header.get("PCOUNT", 0) != 0 or header.get("GCOUNT", 1) != 1:
+        raise ValueError(f"{path}: binary table with a heap (variable-length columns)")
+    return TablePart(str(path), header, offset, int(header["NAXIS2"]))
+
+
+def layout(header: fits.Header) -> tuple:
+    """The cards that define the columns and row layout."""
+    cards = [(c.keyword, c.value) for c in header.cards if COLUMN_KEY.match(c.keyword)]
+    return (header["TFIELDS"], header["NAXIS1"], tuple(sorted(cards)))
+
+
+def same_layout(parts) -> bool:
+    """Whether the rows of all `parts` can be concatenated as bytes."""
+    first = layout(parts[0].header)
+    return all(layout(p.header) == first for p in parts[1:])
+
+
+def _with_label_column(header: fits.Header, name: str, width: int) -> fits.Header:
+    """`header` with a ``{width}A`` column `name` put first (the other columns renumbered)."""
+    tfields, out = header["TFIELDS"], fits.Header()
+    for card in header.cards:
+        match = COLUMN_KEY.match(card.keyword)
+        if match and int(match[2]) <= tfields:
+            out.append((f"{match[1]}{int(match[2]) + 1}", card.value, card.comment))
+        else:
+            out.append(card)
+        if card.keyword == "TFIELDS":
+            out.append(("TTYPE1", name))
+            out.append(("TFORM1", f"{width}A"))
+    out["TFIELDS"] = tfields + 1
+    out["NAXIS1"] = header["NAXIS1"] + width
+    return out
+
+
+class _HashingWriter:
+    """A file opened for writing that also computes the SHA-256 and byte count of what it wrote."""
+
+    def __init__(self, path):
+        self.handle, self.digest, self.bytes = open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.bytes += len(data)
+
+    def close(self) -> tuple:
+        self.handle.close()
+        return self.digest.hexdigest(), self.bytes
+
+
+def _rows(part: TablePart) -> bytes:
+    with open(part.path, "rb") as handle:
+        handle.seek(part.offset)
+        data = handle.read(part.nbytes)
+    if len(data) != part.nbytes:
+        raise ValueError(f"{part.path}: table data truncated ({len(data)} of {part.nbytes} bytes)")
+    return data
+
+
+def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TILE", drop=()) -> tuple:
+    """Write the rows of `parts` (same layout) into a new FITS file at `path`: an empty primary
+    HDU and one binary table with the first part's header, ``NAXIS2`` the total, the `cards`
+    (keyword: value or (value, comment)) set, and with `labels` (one string per part) a first
+    string column `label_column`. Returns ``(sha256, bytes)`` of the file written."""
+    header = parts[0].header.copy()
+    for key in DROPPED + tuple(drop):
+        header.remove(key, ignore_missing=True)
+    width = max([1] + [len(label.encode("utf-8")) for label in labels]) if labels is not None else 0
+    if labels is not None:
+        header = _with_label_column(header, label_column, width)
+    header["NAXIS2"] = sum(p.rows for p in parts)
+    for key, value in cards.items():
+        header[key] = value
+    out = _HashingWriter(path)
+    try:
+        out.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
+        out.write(header.tostring().encode("ascii"))
+        for position, part in enumerate(parts):
+            if part.rows == 0:
+                continue
+            data = _rows(part)
+            if labels is not None:
+                rows = np.zeros((part.rows, width + part.header["NAXIS1"]), np.uint8)
+                label = np.frombuffer(labels[position].encode("utf-8").ljust(width, b"\0"), np.uint8)
+                rows[:, :width] = label
+                rows[:, width:] = np.frombuffer(data, np.uint8).reshape(part.rows, -1)
+                data = rows.tobytes()
+            out.write(data)
+        out.write(b"\0" * (-out.bytes % BLOCK))
+    finally:
+        result = out.close()
+    return result
+
+
+def replace_write(path, writer):
+    """Call ``writer(tmp)`` for a temporary name next to `path`, then rename it to `path`; returns
+    what `writer` returned."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        result = writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _stack_with_astropy(path, parts, cards: dict, labels, label_column: str, drop) -> tuple:
+    """The general path: astropy reads, stacks (the same columns required) and writes."""
+    tables = [Table.read(p.path, format="fits", hdu=1, memmap=False) for p in parts]
+    if labels is not None:
+        for table, label in zip(tables, labels):
+            table.add_column(Column(np.full(len(table), label.encode("utf-8")), name=label_column), index=0)
+    table = vstack(tables, join_type="exact", metadata_conflicts="silent") if len(tables) > 1 else tables[0]
+    for key in drop:
+        table.meta.pop(key, None)
+    table.meta.update(cards)
+    table.write(path, format="fits", overwrite=True)
+    return file_sha256(path), os.path.getsize(path)
+
+
+def write_tables(path, parts, cards: dict, labels=None, label_column: str = "TILE", drop=()) -> tuple:
+    """Concatenate the tables of `parts` into `path` (atomically): by bytes when their layouts
+    agree, else through astropy (a ValueError when their columns differ). `cards` are set and
+    `drop` removed in the header; with `labels` a first string column. Returns (sha256, bytes)."""
+    if same_layout(parts):
+        return replace_write(path, lambda tmp: write_concat(tmp, parts, cards, labels, label_column, drop))
+    return replace_write(path, lambda tmp: _stack_with_astropy(tmp, parts, cards, labels, label_column, drop))
+
+
+class DuplicateObject(ValueError):
+    """Two chi files to merge hold a dataset of the same name."""
+
+
+def write_chi(path, sources) -> tuple:
+    """Copy every dataset of the HDF5 files `sources` (in order) into `path` (atomically), with
+    the attributes of the first; a DuplicateObject error names a repeated dataset. Returns
+    (sha256, bytes)."""
+    def write(tmp):
+        seen = set()
+        with h5py.File(tmp, "w") as out:
+            for position, source in enumerate(sources):
+                with h5py.File(source, "r") as src:
+                    if position == 0:
+                        out.attrs.update(dict(src.attrs))
+                    for name in src:
+                        if name in seen:
+                            raise DuplicateObject(f"{source}: object {name} is also in an earlier file")
+                        seen.add(name)
+                        key = name.encode("utf-8")
+                        h5py.h5o.copy(src.id, key, out.id, key)
+        return file_sha256(tmp), os.path.getsize(tmp)
+    return replace_write(path, write)
