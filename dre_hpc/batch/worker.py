@@ -135,7 +135,26 @@ def run_stage(stage: str, rundir, tile=None, chunk=None) -> int:
     rundir.write_marker(stage, item.name, k, "done", {**content, **job_fields()})
     print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: done in {content['seconds']:.1f} s",
           file=sys.stderr)
+    if stage == "prep":
+        chain_fits(rundir, item)
     return 0
+
+
+def chain_fits(rundir: RunDir, tile: Tile) -> None:
+    """With ``objects_per_chunk`` on a cluster, submit the tile's fit array now that its chunk
+    count is known (`run` could not). A failed submission is printed; the fits then show as
+    unsubmitted and ``dre-batch run`` submits them."""
+    if _manifest_chunks(rundir, tile) is not None:
+        return
+    config = load_config(rundir.config)
+    if config.scheduler["name"] == "local":           # the local runner starts the fits itself
+        return
+    from .run import submit_tile_fits
+    try:
+        submit_tile_fits(rundir, tile.index)
+    except DreError as exc:
+        print(f"prep {tile.name}: cannot submit its fits: {one_line(exc)}; "
+              f"`dre-batch run` will submit them", file=sys.stderr)
 
 
 # -- after the payload ----------------------------------------------------------------------------
