@@ -175,7 +175,7 @@ def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
                 chunks[chunk.tile].append(chunk)
     if problems:
         raise CollateError(f"{rundir.root}: cannot collate, " + _listing(problems, "bad chunks")
-                           + "\n(remove a bad chunk's done marker and rerun it with dre-batch run --failed-only)")
+                           + "\n(remove a bad chunk's done marker; dre-batch run --failed-only reruns it)")
     if not any(chunks.values()):
         raise CollateError(f"{rundir.root}: nothing to collate: no chunk is done")
     return chunks, missing
