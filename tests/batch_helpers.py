@@ -33,3 +33,61 @@ def make_run(tmp_path, images, overrides=(), name="run") -> RunDir:
                 "config_hash": config.hash(), "created": created, "tiles": tiles}
     rundir.manifest.write_text(json.dumps(manifest, indent=1) + "\n")
     return rundir
+
+
+# -- end-to-end runs through the dre-batch command ---------------------------------------------------
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sim_tiles(tmp_path_factory):
+    """Two tiny simulated tiles (``tile_a``, ``tile_b``) and a tiles file listing them."""
+    from dre_hpc.sim.tile import TileSpec, simulate_tile
+    root = tmp_path_factory.mktemp("batch_tiles")
+    for seed, name in ((3, "tile_a"), (4, "tile_b")):
+        spec = TileSpec(size=512, n_galaxies=15, n_stars=30, seed=seed)
+        simulate_tile(spec, root / "Tiles" / f"{name}.fits", root / "Truth" / f"{name}_truth.fits")
+    tiles = root / "tiles.txt"
+    tiles.write_text("".join(f"{root / 'Tiles' / n}.fits\n" for n in ("tile_a", "tile_b")))
+    return tiles
+
+
+def write_config(path, chunks_per_tile=None, objects_per_chunk=None, scheduler="local", **sections):
+    """A run config file for the tests: run ``batch_test``, 2 local jobs at once, small resources;
+    `sections` (e.g. ``resources={"fit": {...}}``) are merged on top."""
+    chunking = ({"chunks_per_tile": chunks_per_tile} if chunks_per_tile
+                else {"objects_per_chunk": objects_per_chunk or 1000})
+    config = {"run": {"name": "batch_test", "seed": 11}, "fit": {"batch_size": 8}, "chunking": chunking,
+              "scheduler": {"name": scheduler, "max_parallel": 2},
+              "resources": {stage: {"mem_gb": 1, "walltime": "00:10:00"} for stage in ("prep", "fit")}}
+    for section, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                config.setdefault(section, {}).setdefault(key, {}).update(value)
+            else:
+                config.setdefault(section, {})[key] = value
+    Path(path).write_text(yaml.safe_dump(config))
+    return path
+
+
+def dre_batch(*args, env=None, timeout=300, cwd=None):
+    """``dre-batch ARGS`` as a user runs it (a subprocess); the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "dre_hpc.cli.dre_batch", *map(str, args)], text=True,
+                          capture_output=True, env=env, timeout=timeout, cwd=cwd)
+
+
+def assert_same_catalogue(path_a, path_b):
+    """The two FITS tables have the same columns and exactly the same values (NaN equal to NaN);
+    headers (times, hosts) are not compared."""
+    from astropy.io import fits
+    import numpy as np
+    a, b = fits.getdata(path_a, 1), fits.getdata(path_b, 1)
+    assert a.names == b.names and len(a) == len(b)
+    for name in a.names:
+        x, y = np.asarray(a[name]), np.asarray(b[name])
+        equal_nan = x.dtype.kind in "fc"
+        assert np.array_equal(x, y, equal_nan=equal_nan), f"column {name} differs"

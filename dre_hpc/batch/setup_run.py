@@ -56,13 +56,13 @@ def read_tiles_file(path) -> list:
     return images
 
 
-def tile_entries(images, n_chunks) -> list:
+def tile_entries(images, n_chunks, source="tiles file") -> list:
     """Manifest entries: index, unique safe name, image, chunk count (None: known after prep)."""
     entries, names = [], {}
     for index, image in enumerate(images):
         name = safe_tile_name(tile_name(image))
         if name in names:
-            raise InputError(f"tiles {names[name]} and {image} both give the tile name {name!r}; "
+            raise InputError(f"{source}: tiles {names[name]} and {image} both give the tile name {name!r}; "
                              f"tile names must be unique in a run (rename one)")
         names[name] = image
         entries.append({"index": index, "name": name, "image": str(image), "n_chunks": n_chunks})
@@ -110,7 +110,7 @@ def setup_run(config_path, tiles_file, run_dir, overrides=(), clobber=False, arg
     config = load_config(config_path, overrides)
     images = read_tiles_file(tiles_file)
     chunks = config.chunking["chunks_per_tile"]
-    entries = tile_entries(images, chunks)
+    entries = tile_entries(images, chunks, tiles_file)
     python = config.run["python"] or sys.executable
     root = Path(run_dir).absolute()
     scripts = {stage: render_script(config, config.scheduler["name"], stage,
