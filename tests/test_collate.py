@@ -151,3 +151,39 @@ def test_nothing_done_is_an_error(tmp_path):
     rundir = make_run(tmp_path / "run", {"a": 4}, chunks_per_tile=2)
     with pytest.raises(CollateError, match="nothing to collate"):
         collate(rundir, allow_missing=True)
+
+
+def test_byte_concatenation_equals_astropy_stack(run):
+    """The fast path (rows copied as bytes) gives the same table as astropy's vstack."""
+    from astropy.table import vstack
+    collate(run)
+    chunks = [Table.read(run.chunk_outputs("tileA", k)["dre"]) for k in range(3)]
+    merged = Table.read(run.collated("tileA_dre.fits"))
+    expected = vstack(chunks)
+    assert merged.colnames == expected.colnames
+    for name in expected.colnames:
+        got, want = np.asarray(merged[name]), np.asarray(expected[name])
+        assert np.array_equal(got, want, equal_nan=got.dtype.kind == "f"), name
+        native = merged[name].dtype.newbyteorder("=")            # FITS data read big-endian
+        assert native == expected[name].dtype.newbyteorder("="), name
+
+
+def test_unlike_chunk_headers_fall_back_to_astropy(tmp_path):
+    """A chunk whose column keywords differ (here a unit on FLUX) is merged through astropy."""
+    from batch_fixtures import chunk_table
+    from dre_hpc.io.outputs import write_summary
+    rundir = make_run(tmp_path / "run", {"a": 6}, chunks_per_tile=2)
+    done_prep(rundir, "a", 6, 2)
+    done_chunk(rundir, "a", 0, 6, 0, 2)
+    marker = done_chunk(rundir, "a", 0, 6, 1, 2)
+    table = chunk_table(0, 3, 6)
+    table["FLUX"].unit = "adu"
+    path = rundir.chunk_outputs("a", 1)["dre"]
+    write_summary(path, table)
+    marker["outputs"]["dre"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
+    rundir.write_marker("fit", "a", 1, "done", marker)
+    collate(rundir)
+    merged = Table.read(rundir.collated("a_dre.fits"))
+    assert list(merged["ROW"]) == list(range(6)) and list(merged["X_IMAGE"]) == list(map(float, range(6)))
+    flat = Table.read(rundir.collated("testrun_dre.fits"))
+    assert list(flat["TILE"]) == ["a"] * 6 and flat.colnames[0] == "TILE"

@@ -180,3 +180,28 @@ def test_status_of_20000_chunks_is_fast(tmp_path):
     elapsed = time.perf_counter() - start
     assert status.counts["done"] == 250 * 20 and status.counts["failed"] == 250
     assert elapsed < 1.0, f"status of 5,000 chunks took {elapsed:.2f} s"
+
+
+def test_with_the_real_local_scheduler(tmp_path):
+    """LocalScheduler.active answers per run process: alive (a sleeping child) or ended."""
+    import subprocess
+    from dre_hpc.batch.config import load_config
+    from dre_hpc.batch.schedulers import LocalScheduler
+
+    rundir = make_run(tmp_path / "run", {"a": 4, "b": 4}, chunks_per_tile=1)
+    alive = subprocess.Popen(["sleep", "30"])
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    try:
+        submit(rundir, "prep", None, [0], f"local-{alive.pid}", scheduler="local")
+        submit(rundir, "prep", None, [1], f"local-{ended.pid}", scheduler="local")
+        for tile in ("a", "b"):
+            rundir.write_marker("prep", tile, None, "started", {"job_id": "x", "host": "h", "time": "t"})
+        items = by_key(st.collect(rundir, LocalScheduler(load_config(rundir.config), rundir)))
+    finally:
+        alive.kill()
+        alive.wait()
+    assert items[("prep", "a", None)].state == "running"
+    assert items[("prep", "b", None)].state == "failed"
+    assert "ended without writing an outcome" in items[("prep", "b", None)].reason
+    assert items[("fit", "b", 0)].state == "blocked"
