@@ -91,3 +91,24 @@ def assert_same_catalogue(path_a, path_b):
         x, y = np.asarray(a[name]), np.asarray(b[name])
         equal_nan = x.dtype.kind in "fc"
         assert np.array_equal(x, y, equal_nan=equal_nan), f"column {name} differs"
+
+
+def flat_path(run_dir) -> Path:
+    """The flat catalogue that collate writes: ``collated/<run>_dre.fits``."""
+    name = json.loads((Path(run_dir) / "manifest.json").read_text())["run"]
+    return Path(run_dir) / "collated" / f"{name}_dre.fits"
+
+
+@pytest.fixture(scope="session")
+def local_reference(tmp_path_factory, sim_tiles, default_cube_file):
+    """One uninterrupted local run of the two tiles (2 chunks each), set up in one directory and
+    moved to another before running (paths are relative): ``(run_dir, CompletedProcess of run)``."""
+    import shutil
+    root = tmp_path_factory.mktemp("batch_local")
+    config = write_config(root / "run.yaml", chunks_per_tile=2)
+    setup = dre_batch("setup", config, sim_tiles, "--run-dir", root / "staged")
+    assert setup.returncode == 0, setup.stderr
+    shutil.move(root / "staged", root / "run")
+    result = dre_batch("run", root / "run")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return root / "run", result

@@ -20,27 +20,15 @@ import pytest
 from astropy.io import fits
 from astropy.table import Table
 
-from batch_helpers import assert_same_catalogue, dre_batch, sim_tiles, write_config  # noqa: F401
+from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
+                           sim_tiles, write_config)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, sim_tiles, default_cube_file):
-    """One uninterrupted local run (2 tiles x 2 chunks): its run directory."""
-    root = tmp_path_factory.mktemp("batch_local")
-    config = write_config(root / "run.yaml", chunks_per_tile=2)
-    setup = dre_batch("setup", config, sim_tiles, "--run-dir", root / "staged")
-    assert setup.returncode == 0, setup.stderr
-    shutil.move(root / "staged", root / "run")         # relative paths: a run can be moved
-    result = dre_batch("run", root / "run")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return root / "run", result
-
-
-def flat_path(run_dir) -> Path:
-    name = json.loads((Path(run_dir) / "manifest.json").read_text())["run"]
-    return Path(run_dir) / "collated" / f"{name}_dre.fits"
+def reference(local_reference):
+    return local_reference
 
 
 def flat(run_dir) -> Table:
