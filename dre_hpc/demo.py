@@ -1,9 +1,11 @@
-"""``make demo``: the whole tile workflow on a simulated tile, compared with the simulation's truth.
+"""``make demo``: the main job end to end, ``dre-batch`` on the local scheduler, against simulated truth.
 
-``dre-sim`` draws a tile with known galaxies and stars into ``Tiles/`` (truth in ``Truth/``), then
-the original's four steps run with the real tools: ``sex_dre`` (SExtractor), ``psfex_dre`` (PSFEx),
-``make_cuts`` and ``dre``, in the original working-directory layout. The fitted galaxies are
-matched to the truth by position and the recovery is printed.
+``dre-sim`` draws tiles with known galaxies and stars into ``Tiles/`` (truth in ``Truth/``); then
+``dre-batch setup`` creates a run (local scheduler, one job per core at most), ``run`` executes the
+prep jobs (SExtractor, PSFEx, cuts: the real tools) and the fit chunks, ``status`` checks that every
+chunk is done, ``collate`` verifies and merges the chunks into per-tile files and one flat
+catalogue, ``link`` puts them into ``run/output/``. The fitted galaxies are matched to the truth by
+position and the recovery is printed.
 """
 
 from __future__ import annotations
@@ -14,33 +16,43 @@ import time
 from pathlib import Path
 
 import numpy as np
-from astropy.table import Table
+import yaml
+from astropy.table import Table, vstack
 
-from .cli import dre as dre_cli
-from .cli import dre_sim, make_cuts, psfex_dre, sex_dre
+from .cli import dre_batch, dre_sim
 from .models.grid import ModelGrid
 from .sim.match import match_positions, recovered
 from .sim.tile import TileSpec, read_truth
 
-NAME = "simtile"
+RUN = "demo"
 
 
-def run_steps(work: Path, size: int, galaxies: int, stars: int, seed: int) -> int:
-    """The five commands, in order; the first non-zero exit code stops the demo."""
-    spec = TileSpec()                      # the tile's gain and zero-point (dre-sim defaults)
-    d = {k: str(work / k) for k in ("Tiles", "Truth", "Sextracted", "PSF", "Cuts", "Summary", "Chi", "Mosaics")}
-    steps = [
-        ("dre-sim", dre_sim.main, ["-o", d["Tiles"], "--truth-dir", d["Truth"], "--name", NAME,
-                                   "--size", str(size), "--galaxies", str(galaxies),
-                                   "--stars", str(stars), "--seed", str(seed)]),
-        ("sex_dre", sex_dre.main, ["-i", d["Tiles"], "-o", d["Sextracted"]]),
-        ("psfex_dre", psfex_dre.main, ["-i", d["Sextracted"], "-o", d["PSF"]]),
-        ("make_cuts", make_cuts.main, ["-i", d["Tiles"], "-s", d["Sextracted"], "-o", d["Cuts"]]),
-        ("dre", dre_cli.main, ["-i", d["Cuts"], "--psf", d["PSF"], "-o", d["Summary"], "--chi", d["Chi"],
-                               "--catalogs", d["Sextracted"], "--zero-point", str(spec.zero_point),
-                               "--gain", str(spec.gain), "--mosaics",
-                               "--mosaics-dir", d["Mosaics"]]),
-    ]
+def demo_config(path: Path, objects_per_chunk: int) -> Path:
+    """The demo's run config: the tiles' gain and zero-point (dre-sim defaults), local scheduler."""
+    spec = TileSpec()
+    config = {"run": {"name": RUN, "seed": 2026},
+              "fit": {"gain": spec.gain, "zero_point": spec.zero_point, "batch_size": 64},
+              "chunking": {"objects_per_chunk": objects_per_chunk},
+              "scheduler": {"name": "local"}}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def run_steps(work: Path, tiles: int, size: int, galaxies: int, stars: int, seed: int) -> int:
+    """The commands, in order; the first non-zero exit code stops the demo."""
+    work.mkdir(parents=True, exist_ok=True)
+    names = [f"simtile{i}" for i in range(tiles)]
+    steps = [("dre-sim", dre_sim.main, ["-o", str(work / "Tiles"), "--truth-dir", str(work / "Truth"),
+                                        "--name", name, "--size", str(size), "--galaxies", str(galaxies),
+                                        "--stars", str(stars), "--seed", str(seed + i)])
+             for i, name in enumerate(names)]
+    tiles_file = work / "tiles.txt"
+    tiles_file.write_text("".join(f"{work / 'Tiles' / name}.fits\n" for name in names))
+    config = demo_config(work / "run.yaml", objects_per_chunk=max(galaxies // 3, 1))
+    run_dir = str(work / "run")
+    steps += [("dre-batch", dre_batch.main, args) for args in (
+        ["setup", str(config), str(tiles_file), "--run-dir", run_dir, "--clobber"],
+        ["run", run_dir], ["status", run_dir], ["collate", run_dir], ["link", run_dir])]
     for label, func, argv in steps:
         start = time.perf_counter()
         print(f"dre-demo: {label} {' '.join(argv)}", flush=True)
@@ -52,12 +64,26 @@ def run_steps(work: Path, size: int, galaxies: int, stars: int, seed: int) -> in
     return 0
 
 
-def headline(summary: Table, truth: Table) -> dict:
-    """Detection of the truth galaxies, and recovery of their shapes and fluxes."""
-    galaxies = truth[truth["KIND"] == "galaxy"]
-    match = match_positions(summary["X_IMAGE"], summary["Y_IMAGE"], galaxies["X"], galaxies["Y"], 2.0)
-    fitted = summary[match >= 0]
-    t = galaxies[match[match >= 0]]
+def match_tiles(catalogue: Table, truth_dir: Path) -> tuple:
+    """Per tile, the truth table of each tile, stacked in the flat catalogue's tile order."""
+    fitted, truths = [], []
+    for name in dict.fromkeys(catalogue["TILE"]):
+        fitted.append(catalogue[catalogue["TILE"] == name])
+        truths.append(read_truth(truth_dir / f"{name}_truth.fits"))
+    return fitted, truths
+
+
+def headline(summaries: list, truths: list) -> dict:
+    """Detection of the truth galaxies, and recovery of their shapes and fluxes (tiles pooled)."""
+    galaxies, fitted, t = [], [], []
+    for summary, truth in zip(summaries, truths):
+        tile_galaxies = truth[truth["KIND"] == "galaxy"]
+        match = match_positions(summary["X_IMAGE"], summary["Y_IMAGE"], tile_galaxies["X"],
+                                tile_galaxies["Y"], 2.0)
+        galaxies.append(tile_galaxies)
+        fitted.append(summary[match >= 0])
+        t.append(tile_galaxies[match[match >= 0]])
+    galaxies, fitted, t = (vstack(x, metadata_conflicts="silent") for x in (galaxies, fitted, t))
     clean = np.asarray(fitted["FLAGS"]) == 0
     f, t = fitted[clean], t[clean]
     ok = recovered(f, t, ModelGrid.default())                 # the default cube's grid steps
@@ -77,21 +103,22 @@ def headline(summary: Table, truth: Table) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dre-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo", help="working directory (default: demo)")
+    parser.add_argument("--tiles", type=int, default=2, help="simulated tiles (default: 2)")
     parser.add_argument("--size", type=int, default=2048, help="tile side in pixels (default: 2048)")
-    parser.add_argument("--galaxies", type=int, default=300, help="simulated galaxies (default: 300)")
-    parser.add_argument("--stars", type=int, default=60, help="simulated stars (default: 60)")
+    parser.add_argument("--galaxies", type=int, default=300, help="galaxies per tile (default: 300)")
+    parser.add_argument("--stars", type=int, default=60, help="stars per tile (default: 60)")
     parser.add_argument("--seed", type=int, default=2026)
     args = parser.parse_args(argv)
     work = Path(args.workdir)
     start = time.perf_counter()
-    code = run_steps(work, args.size, args.galaxies, args.stars, args.seed)
+    code = run_steps(work, args.tiles, args.size, args.galaxies, args.stars, args.seed)
     if code:
         return code
-    summary = Table.read(work / "Summary" / f"{NAME}_dre.fits")
-    truth = read_truth(work / "Truth" / f"{NAME}_truth.fits")
-    print(f"dre-demo: results in {work / 'Summary' / (NAME + '_dre.fits')} "
-          f"({time.perf_counter() - start:.0f} s in all); recovery of the simulated truth:")
-    for key, value in headline(summary, truth).items():
+    flat = work / "run" / "output" / f"{RUN}_dre.fits"
+    fitted, truths = match_tiles(Table.read(flat), work / "Truth")
+    print(f"dre-demo: flat catalogue {flat} ({time.perf_counter() - start:.0f} s in all); "
+          f"recovery of the simulated truth:")
+    for key, value in headline(fitted, truths).items():
         print(f"  {key:34s} {value:.3f}" if isinstance(value, float) else f"  {key:34s} {value}")
     return 0
 

@@ -58,28 +58,38 @@ def _collate(args, argv):
     from ..batch.collate import collate
     from ..batch.rundir import RunDir
     report = collate(RunDir(args.run_dir).require(), allow_missing=args.allow_missing)
-    print(report)
+    missing = f"; {len(report.missing)} chunks missing (--allow-missing)" if report.missing else ""
+    print(f"collated {report.objects} objects of {len(report.rows)} tiles in {report.seconds:.1f} s{missing}")
+    for path in report.outputs:
+        print(f"  {path}")
     return 0
 
 
 def _link(args, argv):
     from ..batch.archive import link
     from ..batch.rundir import RunDir
-    print(link(RunDir(args.run_dir).require()))
+    rundir = RunDir(args.run_dir).require()
+    linked = link(rundir)
+    print(f"{len(linked)} files in {rundir.output_dir}: {', '.join(p.name for p in linked)}")
     return 0
 
 
 def _archive(args, argv):
     from ..batch.archive import archive
     from ..batch.rundir import RunDir
-    print(archive(RunDir(args.run_dir).require()))
+    report = archive(RunDir(args.run_dir).require())
+    print(f"archived {report.members} files into {report.path}; removed: {', '.join(report.removed) or 'nothing'}")
+    for entry in report.skipped:
+        print(f"  left out: {entry}")
     return 0
 
 
 def _clean(args, argv):
     from ..batch.archive import clean
     from ..batch.rundir import RunDir
-    print(clean(RunDir(args.run_dir).require(), args.what))
+    what = ("tiles", "chunks") if args.what == "all" else (args.what,)
+    removed = clean(RunDir(args.run_dir).require(), what)
+    print(f"removed: {', '.join(removed) or 'nothing (already clean)'}")
     return 0
 
 
@@ -117,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         a.set_defaults(func=func)
     cl = sub.add_parser("clean", help="remove intermediates of a collated run")
     cl.add_argument("run_dir")
-    cl.add_argument("what", nargs="?", default="all", choices=("prep", "chunks", "all"),
-                    help="prep products, chunk outputs or both (default: all)")
+    cl.add_argument("what", nargs="?", default="tiles", choices=("tiles", "chunks", "all"),
+                    help="tiles: prep products (default); chunks: chunk outputs; all: both")
     cl.set_defaults(func=_clean)
     return p
 
