@@ -187,3 +187,20 @@ def test_unlike_chunk_headers_fall_back_to_astropy(tmp_path):
     assert list(merged["ROW"]) == list(range(6)) and list(merged["X_IMAGE"]) == list(map(float, range(6)))
     flat = Table.read(rundir.collated("testrun_dre.fits"))
     assert list(flat["TILE"]) == ["a"] * 6 and flat.colnames[0] == "TILE"
+
+
+def test_read_part_refuses_what_cannot_be_concatenated(tmp_path, run):
+    from dre_hpc.batch.merge import read_part
+    source = run.chunk_outputs("tileA", 0)["dre"]
+    part = read_part(source)
+    assert (part.rows, part.offset % 2880, part.width) == (2, 0, Table.read(source).as_array().itemsize)
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(source.read_bytes()[:4000])
+    with pytest.raises(ValueError, match="truncated FITS header"):
+        read_part(truncated)
+    image = tmp_path / "image.fits"
+    fits.HDUList([fits.PrimaryHDU(np.zeros((3, 4), np.float32)), fits.ImageHDU(np.zeros(2))]).writeto(image)
+    with pytest.raises(ValueError, match="not a binary table"):
+        read_part(image)
+    with pytest.raises(ValueError, match="not a FITS file"):
+        read_part(run.chunk_outputs("tileA", 0)["chi"])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +29,8 @@ import h5py
 from dre_hpc import __version__
 from dre_hpc.batch.chunking import ChunkingError, chunk_range
 from dre_hpc.batch.config import load_config
-from dre_hpc.batch.merge import DuplicateObject, TablePart, read_part, write_chi, write_tables
+from dre_hpc.batch.merge import (DuplicateObject, TablePart, read_part, sha256_and_size, write_chi,
+                                 write_tables)
 from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
@@ -195,8 +196,9 @@ def _provenance(config, n_tiles: int, n_objects: int, n_missing, when: str) -> d
     return cards
 
 
-def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict) -> dict:
-    """Write ``<tile>_dre.fits`` and ``<tile>_chi.h5``; ``{path: (sha256, bytes)}``."""
+def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict, hasher) -> dict:
+    """Write ``<tile>_dre.fits`` and ``<tile>_chi.h5``; ``{path: (sha256, bytes)}`` (for the chi
+    file a future of `hasher`, an executor: it is hashed while the next tile is merged)."""
     fits_path, chi_path = rundir.collated(f"{tile}_dre.fits"), rundir.collated(f"{tile}_chi.h5")
     parts = [c.part for c in done]
     cards = dict(cards, DRE_VER=parts[0].header.get("DRE_VER", __version__))
@@ -206,9 +208,10 @@ def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict) -> dict:
         raise CollateError(f"{rundir.chunk_dir(tile)}: cannot merge the chunk tables of tile {tile}: "
                            f"{exc}") from None
     try:
-        written[chi_path] = write_chi(chi_path, [c.paths["chi"] for c in done])
+        write_chi(chi_path, [c.paths["chi"] for c in done])
     except DuplicateObject as exc:
         raise CollateError(f"tile {tile}: {exc}") from None
+    written[chi_path] = hasher.submit(sha256_and_size, chi_path)
     return written
 
 
@@ -222,11 +225,14 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
     when, run = _now(), config["run"]["name"]
     tile_missing = Counter(m["tile"] for m in missing)
     written, rows = {}, {}
-    for tile, done in chunks.items():
-        if done:
-            rows[tile] = sum(c.stop - c.start for c in done)
-            cards = _provenance(config, 1, rows[tile], tile_missing[tile] if allow_missing else None, when)
-            written.update(_merge_tile(rundir, tile, done, {"TILE": tile, **cards}))
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        for tile, done in chunks.items():
+            if done:
+                rows[tile] = sum(c.stop - c.start for c in done)
+                n_missing = tile_missing[tile] if allow_missing else None
+                cards = _provenance(config, 1, rows[tile], n_missing, when)
+                written.update(_merge_tile(rundir, tile, done, {"TILE": tile, **cards}, hasher))
+        written = {p: (w.result() if isinstance(w, Future) else w) for p, w in written.items()}
     flat_path = rundir.collated(f"{run}_dre.fits")
     parts = [(tile, c.part) for tile, done in chunks.items() for c in done]
     cards = _provenance(config, len(rows), sum(rows.values()), len(missing) if allow_missing else None, when)

@@ -34,43 +34,99 @@ DROPPED = ("CHECKSUM", "DATASUM")          # invalid once the data change
 BLOCK = 2880
 
 
+CARD = 80
+
+
+def _read_header(handle, path) -> bytes:
+    """The raw header blocks at the handle's position, up to the block with the END card."""
+    blocks = []
+    while True:
+        block = handle.read(BLOCK)
+        if len(block) < BLOCK:
+            raise ValueError(f"{path}: truncated FITS header")
+        blocks.append(block)
+        if any(block[i:i + 8] == b"END     " for i in range(0, BLOCK, CARD)):
+            return b"".join(blocks)
+
+
+def _cards(raw: bytes) -> dict:
+    """``{keyword: 80-character card}`` of a raw header (the first card of a keyword wins)."""
+    cards = {}
+    for i in range(0, len(raw), CARD):
+        cards.setdefault(raw[i:i + 8].decode("ascii", "replace").strip(), raw[i:i + CARD])
+    return cards
+
+
+def _int(cards: dict, key: str, default=None) -> int:
+    if key not in cards:
+        if default is None:
+            raise ValueError(f"header keyword {key} missing")
+        return default
+    return int(cards[key][10:].split(b"/")[0].strip())
+
+
+def _data_bytes(cards: dict) -> int:
+    """Size of an HDU's data (without padding) from its header cards."""
+    naxis = _int(cards, "NAXIS")
+    if naxis == 0:
+        return 0
+    size = 1
+    for n in range(1, naxis + 1):
+        size *= _int(cards, f"NAXIS{n}")
+    return abs(_int(cards, "BITPIX")) // 8 * _int(cards, "GCOUNT", 1) * (_int(cards, "PCOUNT", 0) + size)
+
+
 @dataclass
 class TablePart:
-    """One binary table extension (HDU 1) of a file: header, where its data start, row count."""
+    """One binary table extension (HDU 1) of a file: its raw header, where its data start, its
+    row count and row width. `header` (an astropy Header) is parsed only when asked for."""
 
     path: str
-    header: fits.Header
+    raw: bytes
     offset: int
     rows: int
+    width: int
+
+    @property
+    def header(self) -> fits.Header:
+        return fits.Header.fromstring(self.raw.decode("ascii"))
 
     @property
     def nbytes(self) -> int:
-        return self.header["NAXIS1"] * self.rows
+        return self.width * self.rows
 
 
 def read_part(path) -> TablePart:
-    """The header and data location of the first extension of `path` (a binary table), or a
-    ValueError/OSError when it is not one without a heap."""
-    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdus:
-        header = hdus[1].header.copy()
-        offset = hdus.fileinfo(1)["datLoc"]
-    if header.get("XTENSION") != "BINTABLE":
+    """The first extension of `path`, read by hand (only the headers: fast), or a ValueError when
+    it is not a binary table without a heap."""
+    with open(path, "rb") as handle:
+        first = handle.read(CARD)
+        if not first.startswith(b"SIMPLE  =") or first[10:30].strip() != b"T":
+            raise ValueError(f"{path}: not a FITS file")
+        handle.seek(0)
+        primary = _cards(_read_header(handle, path))
+        handle.seek(handle.tell() + -(-_data_bytes(primary) // BLOCK) * BLOCK)
+        raw = _read_header(handle, path)
+        offset = handle.tell()
+    cards = _cards(raw)
+    if cards.get("XTENSION", b"")[10:30].strip() != b"'BINTABLE'":
         raise ValueError(f"{path}: extension 1 is not a binary table")
-    if header.get("PCOUNT", 0) != 0 or header.get("GCOUNT", 1) != 1:
+    if _int(cards, "PCOUNT", 0) != 0 or _int(cards, "GCOUNT", 1) != 1:
         raise ValueError(f"{path}: binary table with a heap (variable-length columns)")
-    return TablePart(str(path), header, offset, int(header["NAXIS2"]))
+    return TablePart(str(path), raw, offset, _int(cards, "NAXIS2"), _int(cards, "NAXIS1"))
 
 
-def layout(header: fits.Header) -> tuple:
-    """The cards that define the columns and row layout."""
-    cards = [(c.keyword, c.value) for c in header.cards if COLUMN_KEY.match(c.keyword)]
-    return (header["TFIELDS"], header["NAXIS1"], tuple(sorted(cards)))
+def layout(part: TablePart) -> tuple:
+    """The cards that define the columns and the row width, as their 80-character images."""
+    cards = [part.raw[i:i + CARD] for i in range(0, len(part.raw), CARD)]
+    keys = [c for c in cards if COLUMN_KEY.match(c[:8].decode("ascii", "replace").strip())]
+    return (part.width, tuple(sorted(keys)))
 
 
 def same_layout(parts) -> bool:
     """Whether the rows of all `parts` can be concatenated as bytes."""
-    first = layout(parts[0].header)
-    return all(layout(p.header) == first for p in parts[1:])
+    first = layout(parts[0])
+    return all(layout(p) == first for p in parts[1:])
 
 
 def _with_label_column(header: fits.Header, name: str, width: int) -> fits.Header:
@@ -120,7 +176,7 @@ def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TIL
     HDU and one binary table with the first part's header, ``NAXIS2`` the total, the `cards`
     (keyword: value or (value, comment)) set, and with `labels` (one string per part) a first
     string column `label_column`. Returns ``(sha256, bytes)`` of the file written."""
-    header = parts[0].header.copy()
+    header = parts[0].header
     for key in DROPPED + tuple(drop):
         header.remove(key, ignore_missing=True)
     width = max([1] + [len(label.encode("utf-8")) for label in labels]) if labels is not None else 0
@@ -138,7 +194,7 @@ def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TIL
                 continue
             data = _rows(part)
             if labels is not None:
-                rows = np.zeros((part.rows, width + part.header["NAXIS1"]), np.uint8)
+                rows = np.zeros((part.rows, width + part.width), np.uint8)
                 label = np.frombuffer(labels[position].encode("utf-8").ljust(width, b"\0"), np.uint8)
                 rows[:, :width] = label
                 rows[:, width:] = np.frombuffer(data, np.uint8).reshape(part.rows, -1)
@@ -191,10 +247,9 @@ class DuplicateObject(ValueError):
     """Two chi files to merge hold a dataset of the same name."""
 
 
-def write_chi(path, sources) -> tuple:
+def write_chi(path, sources) -> None:
     """Copy every dataset of the HDF5 files `sources` (in order) into `path` (atomically), with
-    the attributes of the first; a DuplicateObject error names a repeated dataset. Returns
-    (sha256, bytes)."""
+    the attributes of the first; a DuplicateObject error names a repeated dataset."""
     def write(tmp):
         seen = set()
         with h5py.File(tmp, "w") as out:
@@ -208,5 +263,14 @@ def write_chi(path, sources) -> tuple:
                         seen.add(name)
                         key = name.encode("utf-8")
                         h5py.h5o.copy(src.id, key, out.id, key)
-        return file_sha256(tmp), os.path.getsize(tmp)
-    return replace_write(path, write)
+    replace_write(path, write)
+
+
+def sha256_and_size(path) -> tuple:
+    """(SHA-256, bytes) of a file, read in 16 MiB blocks: meant for a background thread, where
+    few large blocks mean few waits for the GIL while the main thread copies datasets."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest(), os.path.getsize(path)
