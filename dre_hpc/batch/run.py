@@ -26,6 +26,7 @@ from .schedulers import get_scheduler
 from .status import collect
 
 SUBMITTABLE = {False: ("unsubmitted",), True: ("failed",)}
+DRY_RUN_JOB_ID = "{stage}_JOB_ID"    # --dry-run: stands for the id the submission would print
 
 
 class RunLockedError(DreError):
@@ -131,6 +132,8 @@ def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
         for job_id in _submit(rundir, scheduler, "prep", None, indices, f"{name}-prep", {}, None,
                               dry_run, out):
             prep_jobs.update(job_id)
+        if dry_run:
+            out(f"# {DRY_RUN_JOB_ID.format(stage='PREP')} below: the job id the prep submission prints")
     tiles = {t.name: t for t in rundir.tiles()}
     earlier = _pending_prep_jobs(rundir)
     for tile_name, chunks in plan.fits.items():
@@ -163,7 +166,8 @@ def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_r
     results = []
     for argv, block, offset in scheduler.submit_commands(stage, indices, job_name, env, after):
         out(shlex.join(argv))
-        if dry_run:
+        if dry_run:          # a stand-in id, so the dependent commands show their dependency
+            results.append({i: (DRY_RUN_JOB_ID.format(stage=stage.upper()), offset) for i in block})
             continue
         job_id = scheduler.submit(argv)
         rundir.record_submission({"stage": stage, "tile": tile, "indices": list(block), "offset": offset,
