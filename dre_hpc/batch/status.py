@@ -164,6 +164,13 @@ def _failed_reason(rundir: RunDir, stage: str, tile: str, k) -> str:
     return str(reason) if reason else f"failed (no reason in {path.name})"
 
 
+def _scheduler_log(scheduler, job) -> str | None:
+    """Where the scheduler put the output of `job` ``(job_id, array index)`` (SLURM:
+    ``logs/slurm/...``), or None: then the item's dre-batch log is named."""
+    find = getattr(scheduler, "log_file", None)          # a bare `active` object has none
+    return find(*job) if find else None
+
+
 class _Collector:
     """Builds the items of one run (one instance per `collect` call)."""
 
@@ -229,6 +236,7 @@ class _Collector:
                 item.reason = (content or {}).get("reason") if kind == "failed" else None
             else:
                 template = VANISHED if kind == "started" else NEVER_STARTED
+                item.log = _scheduler_log(self.scheduler, self.unresolved[position]) or item.log
                 item.state, item.reason = "failed", template.format(log=item.log)
 
     def block(self):

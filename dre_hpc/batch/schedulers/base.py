@@ -140,6 +140,11 @@ class Scheduler:
     def active(self, job_ids) -> dict:
         raise NotImplementedError
 
+    def log_file(self, job_id: str, index) -> str | None:
+        """The scheduler's own log of array element `index` of `job_id`, relative to the run
+        directory, where the scheduler writes one and it exists; None otherwise."""
+        return None
+
     # -- running commands ------------------------------------------------------------------
     def run_command(self, argv, timeout=SUBMIT_TIMEOUT, ok_codes=(0,)) -> subprocess.CompletedProcess:
         """Run `argv` in the run directory; a SchedulerError when missing, too slow or failing."""

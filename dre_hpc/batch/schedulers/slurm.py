@@ -60,6 +60,13 @@ class SlurmScheduler(Scheduler):
         """``JOBID_INDEX``: one element of an array."""
         return f"{job_id}_{int(index)}"
 
+    def log_file(self, job_id: str, index) -> str | None:
+        """``logs/slurm/<job name>-<job id>_<index>.out`` (the script's ``--output``), if it exists."""
+        if index is None:
+            return None
+        found = sorted((self.rundir.root / self.log_dir).glob(f"*-{job_id}_{int(index)}.out"))
+        return found[0].relative_to(self.rundir.root).as_posix() if found else None
+
     def parse_job_id(self, stdout: str, argv) -> str:
         text = stdout.strip().splitlines()[-1].strip() if stdout.strip() else ""
         job_id = text.split(";")[0]
