@@ -5,8 +5,9 @@ was never submitted, ``failed_only`` only the items that failed or vanished (and
 by a failed prep that is submitted again); items that are pending, running or done are never
 submitted twice. Prep runs as one array over tiles, each tile's fits as one array over its chunks
 depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
-is known only after prep: then the prep job submits its tile's fit array itself when it ends
-(`submit_tile_fits`). A lock (``DIR/.run.lock``, flock) keeps two ``run`` commands apart.
+is known only after prep: then the prep job submits its tile's fit array itself, afterok on its
+own element, before it writes its done marker (`submit_tile_fits`). A lock (``DIR/.run.lock``,
+flock) keeps two ``run`` commands apart.
 """
 
 from __future__ import annotations
@@ -151,13 +152,14 @@ def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
     return 0
 
 
-def submit_tile_fits(rundir: RunDir, tile_index: int) -> list:
-    """Submit all fit chunks of one tile (called by its prep job when the chunk count is known)."""
+def submit_tile_fits(rundir: RunDir, tile_index: int, n_chunks: int, after=None) -> list:
+    """Submit the `n_chunks` fit chunks of one tile, depending (afterok) on the ids in `after`
+    (called by its prep job when it has counted the objects)."""
     config = load_config(rundir.config)
     scheduler = get_scheduler(config, rundir)
     tile = rundir.tile(tile_index)
-    return _submit(rundir, scheduler, "fit", tile.name, list(range(tile.n_chunks)),
-                   f"{config.run['name']}-fit-{tile.name}", {"DRE_TILE": str(tile.index)}, None,
+    return _submit(rundir, scheduler, "fit", tile.name, list(range(n_chunks)),
+                   f"{config.run['name']}-fit-{tile.name}", {"DRE_TILE": str(tile.index)}, after,
                    False, lambda text: None)
 
 

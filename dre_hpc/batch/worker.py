@@ -132,17 +132,18 @@ def run_stage(stage: str, rundir, tile=None, chunk=None) -> int:
         print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: failed: {one_line(exc)}",
               file=sys.stderr)
         return FAILED_EXIT
+    if stage == "prep":         # before `done`: a done prep never shows its fits unsubmitted
+        chain_fits(rundir, item, content["n_chunks"])
     rundir.write_marker(stage, item.name, k, "done", {**content, **job_fields()})
     print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: done in {content['seconds']:.1f} s",
           file=sys.stderr)
-    if stage == "prep":
-        chain_fits(rundir, item)
     return 0
 
 
-def chain_fits(rundir: RunDir, tile: Tile) -> None:
-    """With ``objects_per_chunk`` on a cluster, submit the tile's fit array now that its chunk
-    count is known (`run` could not). A failed submission is printed; the fits then show as
+def chain_fits(rundir: RunDir, tile: Tile, n_chunks: int) -> None:
+    """With ``objects_per_chunk`` on a cluster, submit the tile's `n_chunks` fits now that the
+    count is known (`run` could not), afterok on this prep job, so they start only once it has
+    written its done marker and ended well. A failed submission is printed; the fits then show as
     unsubmitted and ``dre-batch run`` submits them."""
     if _manifest_chunks(rundir, tile) is not None:
         return
@@ -150,8 +151,9 @@ def chain_fits(rundir: RunDir, tile: Tile) -> None:
     if config.scheduler["name"] == "local":           # the local runner starts the fits itself
         return
     from .run import submit_tile_fits
+    own = environment.job_id()                         # this array element: 123_4, 123[4].server
     try:
-        submit_tile_fits(rundir, tile.index)
+        submit_tile_fits(rundir, tile.index, n_chunks, [own] if own else None)
     except DreError as exc:
         print(f"prep {tile.name}: cannot submit its fits: {one_line(exc)}; "
               f"`dre-batch run` will submit them", file=sys.stderr)
