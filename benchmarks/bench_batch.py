@@ -38,12 +38,27 @@ from dre_hpc.batch.status import collect  # noqa: E402
 LIMITS = {"setup": 10.0, "status": 2.0, "collate": 10.0}
 
 
-def bench_setup(workdir: Path):
-    """Setup of 1,000 tiles x 20 chunks. To be filled in by the setup author: create 1,000 tile
-    paths (they need not exist unless setup checks them), call the setup function with
-    ``chunking.chunks_per_tile=20``, and return ``(seconds, items)`` with items = 1,000 * 21.
-    Returns None while not implemented."""
-    return None
+def bench_setup(workdir: Path, n_tiles=1000, n_chunks=20):
+    """`dre-batch setup` of 1,000 tiles x 20 chunks on SLURM: the tile images exist (setup checks
+    every path; empty files, setup does not open them), the whole setup is timed in process
+    (config load, tile list, rendering, manifest). Returns ``(seconds, items)``, items = prep +
+    fit array elements (1,000 x 21)."""
+    from dre_hpc.batch.setup_run import setup_run
+    images = workdir / "setup_tiles"
+    images.mkdir()
+    paths = [images / f"tile{i:04d}.fits" for i in range(n_tiles)]
+    for path in paths:
+        path.touch()
+    tiles = workdir / "setup_tiles.txt"
+    tiles.write_text("".join(f"{p}\n" for p in paths))
+    config = workdir / "setup.yaml"
+    config.write_text(f"run: {{name: bench}}\nchunking: {{chunks_per_tile: {n_chunks}}}\n"
+                      f"scheduler: {{name: slurm}}\n")
+    start = time.perf_counter()
+    rundir = setup_run(config, tiles, workdir / "setup_run", argv=["bench"])
+    seconds = time.perf_counter() - start
+    assert len(rundir.tiles()) == n_tiles
+    return seconds, n_tiles * (n_chunks + 1)
 
 
 def _status_run(root: Path, n_tiles: int, n_chunks: int):
