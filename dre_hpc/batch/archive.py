@@ -16,16 +16,15 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from dre_hpc.batch.collate import MISSING, RECORD, read_record
-from dre_hpc.batch.rundir import CONFIG, MANIFEST, PROVENANCE, RunDir, file_sha256, write_json
+from dre_hpc.batch.rundir import (CONFIG, MANIFEST, PROVENANCE, RunDir, file_sha256, stream_sha256,
+                                  utc_now, write_json)
 from dre_hpc.batch.status import ARCHIVE_RECORD
 from dre_hpc.errors import DreError
 
@@ -153,10 +152,7 @@ def _entries(root: Path, skipped: list):
 
 
 def _sha256_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> str:
-    digest, handle = hashlib.sha256(), tar.extractfile(member)
-    for block in iter(lambda: handle.read(1 << 20), b""):
-        digest.update(block)
-    return digest.hexdigest()
+    return stream_sha256(tar.extractfile(member))
 
 
 def _verify_archive(path: Path, expected: dict) -> None:
@@ -223,7 +219,7 @@ def archive(rundir) -> ArchiveReport:
     write_json(rundir.collated(ARCHIVE_RECORD), {
         "archive": path.name, "sha256": file_sha256(path), "bytes": path.stat().st_size,
         "members": members, "skipped": skipped, "removed": list(REMOVED_AFTER),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        "time": utc_now()})
     removed = [name for name in REMOVED_AFTER if _remove(rundir.root / name)]
     return ArchiveReport(path, members, skipped, removed)
 

@@ -22,7 +22,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import h5py
 
@@ -31,7 +30,7 @@ from dre_hpc.batch.chunking import ChunkingError, chunk_range
 from dre_hpc.batch.config import load_config
 from dre_hpc.batch.merge import (DuplicateObject, TablePart, read_part, sha256_and_size, write_chi,
                                  write_tables)
-from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
+from dre_hpc.batch.rundir import RunDir, file_sha256, utc_now, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
 
@@ -72,10 +71,6 @@ class CollateReport:
     @property
     def objects(self) -> int:
         return sum(self.rows.values())
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _listing(lines: list, what: str) -> str:
@@ -222,7 +217,7 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
     config = load_config(rundir.config)
     chunks, missing = verify(rundir, allow_missing)
     rundir.collated(RECORD).unlink(missing_ok=True)        # the old record is void from here on
-    when, run = _now(), config["run"]["name"]
+    when, run = utc_now(), config["run"]["name"]
     tile_missing = Counter(m["tile"] for m in missing)
     written, rows = {}, {}
     with ThreadPoolExecutor(max_workers=1) as hasher:

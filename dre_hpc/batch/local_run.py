@@ -8,16 +8,13 @@ tell a chunk that is still running from one whose process died.
 
 from __future__ import annotations
 
-import os
-
+from .run import _submit, record_submission
 from .rundir import RunDir
 from .schedulers.local import LocalTask
 
 
 def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
     """Run the plan's prep and fit scripts; 0 when every task succeeded, 1 otherwise."""
-    from .run import _submit
-    job_id = f"local-{os.getpid()}"
     tiles = {t.name: t for t in rundir.tiles()}
     if dry_run:
         if plan.prep:
@@ -30,12 +27,12 @@ def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
                     None, True, out)
         return 0
     prep_names = {t.name for t in plan.prep}
-    tasks = [_prep_task(rundir, t, job_id) for t in plan.prep]
+    tasks = [_prep_task(rundir, t) for t in plan.prep]
     if plan.prep:
-        _record(rundir, scheduler, "prep", None, [t.index for t in plan.prep], job_id)
+        _record(rundir, scheduler, "prep", None, [t.index for t in plan.prep])
     for name, chunks in plan.fits.items():
         if name not in prep_names and chunks is not None:
-            tasks += _fit_tasks(rundir, scheduler, tiles[name], chunks, job_id)
+            tasks += _fit_tasks(rundir, scheduler, tiles[name], chunks)
 
     def follow(task, returncode):
         if task.stage != "prep":
@@ -46,8 +43,7 @@ def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
         if returncode != 0 or tile.name not in plan.fits:
             return []
         chunks = plan.fits[tile.name]
-        return _fit_tasks(rundir, scheduler, tile, range(tile.n_chunks) if chunks is None else chunks,
-                          job_id)
+        return _fit_tasks(rundir, scheduler, tile, range(tile.n_chunks) if chunks is None else chunks)
 
     codes = scheduler.run(tasks, follow=follow)
     failed = sum(1 for code in codes.values() if code != 0)
@@ -55,26 +51,24 @@ def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
     return 1 if failed else 0
 
 
-def _prep_task(rundir, tile, job_id) -> LocalTask:
+def _prep_task(rundir, tile) -> LocalTask:
     return LocalTask(key=("prep", tile.index, None), stage="prep", tile_index=tile.index,
-                     env={"DRE_ARRAY_INDEX": str(tile.index), "DRE_JOB_ID": job_id},
-                     log=rundir.log("prep", tile.name))
+                     env={"DRE_ARRAY_INDEX": str(tile.index)}, log=rundir.log("prep", tile.name))
 
 
-def _fit_tasks(rundir, scheduler, tile, chunks, job_id) -> list:
+def _fit_tasks(rundir, scheduler, tile, chunks) -> list:
+    """The tasks of `chunks` of `tile` (the scheduler adds DRE_JOB_ID), recorded as submitted."""
     chunks = list(chunks)
     if chunks:
-        _record(rundir, scheduler, "fit", tile.name, chunks, job_id)
+        _record(rundir, scheduler, "fit", tile.name, chunks)
     return [LocalTask(key=("fit", tile.index, k), stage="fit", tile_index=tile.index,
-                      env={"DRE_ARRAY_INDEX": str(k), "DRE_TILE": str(tile.index), "DRE_JOB_ID": job_id},
+                      env={"DRE_ARRAY_INDEX": str(k), "DRE_TILE": str(tile.index)},
                       log=rundir.log("fit", tile.name, k)) for k in chunks]
 
 
-def _record(rundir, scheduler, stage, tile, indices, job_id) -> None:
-    from .run import _now
-    rundir.record_submission({"stage": stage, "tile": tile, "indices": list(indices), "offset": 0,
-                              "job_id": job_id, "scheduler": scheduler.name,
-                              "command": ["bash", f"scripts/{stage}.sh"], "time": _now()})
+def _record(rundir, scheduler, stage, tile, indices) -> None:
+    record_submission(rundir, scheduler, stage, tile, indices, 0, scheduler.job_id,
+                      ["bash", scheduler.script(stage)])
 
 
 def _report(rundir, task, returncode, out) -> None:

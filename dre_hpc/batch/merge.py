@@ -269,8 +269,4 @@ def write_chi(path, sources) -> None:
 def sha256_and_size(path) -> tuple:
     """(SHA-256, bytes) of a file, read in 16 MiB blocks: meant for a background thread, where
     few large blocks mean few waits for the GIL while the main thread copies datasets."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest(), os.path.getsize(path)
+    return file_sha256(path, block=1 << 24), os.path.getsize(path)

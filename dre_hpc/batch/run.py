@@ -13,7 +13,6 @@ flock) keeps two ``run`` commands apart.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fcntl
 import os
 import shlex
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from dre_hpc.errors import DreError
 
 from .config import load_config
-from .rundir import RunDir
+from .rundir import RunDir, utc_now
 from .schedulers import get_scheduler
 from .status import collect
 
@@ -61,15 +60,11 @@ def run_lock(rundir: RunDir):
                                  f"directory ({holder}); wait for it or check `dre-batch status`") from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} since {_now()}\n")
+        handle.write(f"pid {os.getpid()} since {utc_now()}\n")
         handle.flush()
         yield
     finally:
         handle.close()
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def plan_run(rundir: RunDir, status, failed_only=False, stage=None) -> Plan:
@@ -130,9 +125,9 @@ def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
     prep_jobs = {}
     if plan.prep:
         indices = [t.index for t in plan.prep]
-        for job_id in _submit(rundir, scheduler, "prep", None, indices, f"{name}-prep", {}, None,
-                              dry_run, out):
-            prep_jobs.update(job_id)
+        for block_jobs in _submit(rundir, scheduler, "prep", None, indices, f"{name}-prep", {}, None,
+                                  dry_run, out):
+            prep_jobs.update(block_jobs)
         if dry_run:
             out(f"# {DRY_RUN_JOB_ID.format(stage='PREP')} below: the job id the prep submission prints")
     tiles = {t.name: t for t in rundir.tiles()}
@@ -172,11 +167,16 @@ def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_r
             results.append({i: (DRY_RUN_JOB_ID.format(stage=stage.upper()), offset) for i in block})
             continue
         job_id = scheduler.submit(argv)
-        rundir.record_submission({"stage": stage, "tile": tile, "indices": list(block), "offset": offset,
-                                  "job_id": job_id, "scheduler": scheduler.name, "command": list(argv),
-                                  "time": _now()})
+        record_submission(rundir, scheduler, stage, tile, block, offset, job_id, argv)
         results.append({i: (job_id, offset) for i in block})
     return results
+
+
+def record_submission(rundir, scheduler, stage, tile, indices, offset, job_id, argv) -> None:
+    """Save one submission (the ``jobs/<n>.json`` record that `status` reads)."""
+    rundir.record_submission({"stage": stage, "tile": tile, "indices": list(indices), "offset": offset,
+                              "job_id": job_id, "scheduler": scheduler.name, "command": list(argv),
+                              "time": utc_now()})
 
 
 def _pending_prep_jobs(rundir) -> dict:

@@ -25,6 +25,7 @@ job the scheduler still runs means the job died without saying why (SIGKILL, nod
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -102,13 +103,23 @@ def read_json(path: Path, what: str) -> dict:
     return content
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second: the time stamp of every run record."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def stream_sha256(handle, block: int = 1 << 20) -> str:
+    """SHA-256 (hex) of what a binary file object yields, read in `block`-byte pieces."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    for piece in iter(lambda: handle.read(block), b""):
+        digest.update(piece)
     return digest.hexdigest()
+
+
+def file_sha256(path: Path, block: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes, read in `block`-byte pieces."""
+    with open(path, "rb") as handle:
+        return stream_sha256(handle, block)
 
 
 @dataclass(frozen=True)

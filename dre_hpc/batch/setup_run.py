@@ -8,7 +8,6 @@ never overwritten without ``clobber``, and ``clobber`` removes only a directory 
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import importlib.metadata
 import platform
@@ -23,7 +22,7 @@ from dre_hpc.preprocess.layout import tile_name
 
 from .config import load_config
 from .render import render_script
-from .rundir import RunDir, safe_tile_name, write_atomic, write_json
+from .rundir import RunDir, safe_tile_name, utc_now, write_atomic, write_json
 
 STAGES = ("prep", "fit")
 _PACKAGES = ("numpy", "scipy", "astropy", "h5py", "jinja2", "PyYAML", "mpi4py", "cupy-cuda12x")
@@ -79,7 +78,7 @@ def provenance(config, argv, python) -> dict:
             continue
     return {"run": config.run["name"], "seed": config.run["seed"], "config_hash": config.hash(),
             "command_line": list(argv), "python": python, "versions": versions,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
             "host": socket.gethostname(), "user": _user(), "cwd": str(Path.cwd())}
 
 

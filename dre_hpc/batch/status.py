@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-from dre_hpc.batch.rundir import OUTCOMES, RunDir, RunDirError, chunk_label, read_json
+from dre_hpc.batch.rundir import MARKER_KINDS, OUTCOMES, RunDir, RunDirError, chunk_label, read_json
 
 STATES = ("unsubmitted", "pending", "running", "done", "failed", "blocked")
 ACTIVE = ("pending", "running")
@@ -120,7 +120,7 @@ def _scan(folder) -> dict:
     with entries:
         for entry in entries:
             stem, dot, kind = entry.name.rpartition(".")
-            if dot and not entry.name.startswith(".") and (kind in OUTCOMES or kind == "started"):
+            if dot and not entry.name.startswith(".") and kind in MARKER_KINDS:
                 if found.get(stem) not in OUTCOMES:
                     found[stem] = kind
     return found

@@ -23,7 +23,6 @@ import signal
 import sys
 import traceback
 import warnings
-from datetime import datetime, timezone
 
 from ..cli.common import run_main
 from ..errors import DreError
@@ -31,7 +30,7 @@ from . import environment
 from .config import load_config
 from .fit_job import remove_chunk_outputs, run_fit
 from .prep_job import run_prep
-from .rundir import RunDir, Tile
+from .rundir import RunDir, Tile, utc_now
 
 FAILED_EXIT = 1
 
@@ -40,14 +39,9 @@ class WorkerError(DreError):
     """The worker cannot tell which item to run (no array index, no tile)."""
 
 
-def now() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def job_fields() -> dict:
     """``{"job_id", "host", "time"}``: who wrote a marker, and when."""
-    return {"job_id": environment.job_id(), "host": environment.hostname(), "time": now()}
+    return {"job_id": environment.job_id(), "host": environment.hostname(), "time": utc_now()}
 
 
 def one_line(exc: BaseException) -> str:
