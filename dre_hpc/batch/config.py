@@ -74,6 +74,15 @@ TABLE = {
         "min_pixels": Key(16, "int", "fewest usable mask pixels to fit", minimum=1),
         "psf_pixel": Key("included", "str", "whether the PSF contains the pixel response",
                          choices=("included", "excluded")),
+        "checkpoint_seconds": Key(300, "number", "write a checkpoint at least this often (seconds; "
+                                  "0: only when stopped by a signal)", minimum=0),
+        "checkpoint_objects": Key(None, "int", "also write one after this many fitted objects; "
+                                  "null: by time only", nullable=True, minimum=1),
+        "shared_models": Key(True, "bool", "one convolved model cube per node in MPI shared memory "
+                             "(false: one per rank)"),
+        "schedule": Key("dynamic", "str", "how MPI ranks share a chunk's fitting units: dynamic "
+                        "(next free unit) or static (unit i on rank i mod ranks)",
+                        choices=("dynamic", "static")),
     },
     "prep": {
         "sextractor_config": Key(None, "str", "SExtractor config; null: shipped dre.sex", nullable=True),
@@ -98,6 +107,10 @@ TABLE = {
                             minimum=1),
         "max_array_size": Key(1000, "int", "most elements per submitted array (SLURM MaxArraySize - 1)",
                               minimum=1),
+        "retries": Key(2, "int", "times an interrupted (retryable) job item is resubmitted "
+                       "automatically; a Python error is never retried", minimum=0),
+        "warning_seconds": Key(300, "int", "SLURM: SIGUSR1 to fit jobs this long before the "
+                               "walltime, so they checkpoint and retry (0: none)", minimum=0),
     },
     "resources": {
         "prep": _resources("01:00:00", 4),
