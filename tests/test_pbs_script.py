@@ -88,8 +88,9 @@ def test_container_wrapping_pbs_mpi(tmp_path):
     recorded = calls(tmp_path / "calls")
     assert [c["program"] for c in recorded] == ["mpiexec", "apptainer", "python", "apptainer", "python"]
     prefix = ["exec", "--nv", "-B", "/data", "-B", "/scr a:/scratch", "--env", "PYTHONNOUSERSITE=1", str(image)]
-    assert recorded[0]["argv"][1:] == ["-n", "6", "apptainer"] + prefix + ["python"] + WORKER + ["fit", "."]
-    assert recorded[1]["argv"][1:] == prefix + ["python"] + WORKER + ["fit", "."]
+    fit = ["python"] + WORKER + ["fit", ".", "--ranks", "6"]
+    assert recorded[0]["argv"][1:] == ["-n", "6", "apptainer"] + prefix + fit
+    assert recorded[1]["argv"][1:] == prefix + fit
     assert recorded[3]["argv"][1:] == prefix + ["python"] + WORKER + ["finish", "fit", ".", "--exit-code", "0"]
 
 
@@ -106,7 +107,8 @@ def test_container_wrapping_local_hostile_image_path(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert not pwned.exists()
     recorded = calls(tmp_path / "calls")
-    assert recorded[0]["argv"][1:] == ["exec", "--env", "PYTHONNOUSERSITE=1", image, "py3"] + WORKER + ["fit", "."]
+    assert recorded[0]["argv"][1:] == ["exec", "--env", "PYTHONNOUSERSITE=1", image, "py3"] + WORKER + [
+        "fit", ".", "--ranks", "1"]
     assert recorded[1]["program"] == "py3"
 
 

@@ -77,15 +77,21 @@ def test_golden_contents():
     slurm = (GOLDEN / "slurm_fit.sh").read_text()
     assert "#SBATCH --gres=gpu:4\n" in slurm and "#SBATCH --time=06:00:00\n" in slurm
     assert slurm.index("#SBATCH --output=logs/slurm/%x-%A_%a.out") < slurm.index("#SBATCH --constraint=a100")
-    assert f"\nsrun {PY} -m dre_hpc.batch.worker fit .\nstatus=$?\n" in slurm
+    assert f"\nsrun {PY} -m dre_hpc.batch.worker fit . --ranks 4 &\npayload=$!\n" in slurm
+    assert "#SBATCH --signal=B:USR1@300\n" in slurm          # scheduler.warning_seconds, fit only
+    assert "--signal" not in (GOLDEN / "slurm_prep.sh").read_text()
+    assert "trap 'interrupted=1; if [ -n \"$payload\" ]; then kill -USR1 \"$payload\" 2>/dev/null; fi' " \
+           "TERM USR1\n" in slurm
     pbs = (GOLDEN / "pbs_fit.sh").read_text()
     assert "#PBS -l select=2:ncpus=16:mpiprocs=16:mem=64GB\n" in pbs
     assert "\nmpiexec -n 32 apptainer exec -B /project/data -B /scratch/dre:/scratch " \
-           "--env PYTHONNOUSERSITE=1 /project/containers/dre_hpc.sif python -m dre_hpc.batch.worker fit .\n" in pbs
+           "--env PYTHONNOUSERSITE=1 /project/containers/dre_hpc.sif python -m dre_hpc.batch.worker fit . " \
+           "--ranks 32 &\n" in pbs
     lines = pbs.splitlines()
     first_command = next(i for i, line in enumerate(lines) if line and not line.startswith("#"))
     assert all(not line.startswith("#PBS") for line in lines[first_command:])
     local = (GOLDEN / "local_prep.sh").read_text()
+    assert f"\n{PY} -m dre_hpc.batch.worker prep . &\n" in local          # --ranks: fit only
     assert f"\n{PY} -m dre_hpc.batch.worker finish prep . --exit-code \"$status\"\n" in local
     assert local.rstrip().endswith('exit "$status"')
 
@@ -161,6 +167,22 @@ def test_newline_in_extra_directive_and_bad_walltime():
         render_script(RunConfig(data), "pbs", "prep", context(RunConfig(data), "prep"))
 
 
+def test_warning_seconds_directive_and_its_limits():
+    config = resolve(None, ["scheduler.name=slurm", "scheduler.warning_seconds=0"])
+    assert "--signal" not in render_script(config, "slurm", "fit", context(config, "fit"))
+    config = resolve(None, ["scheduler.name=slurm", "scheduler.warning_seconds=90"])
+    assert "\n#SBATCH --signal=B:USR1@90\n" in render_script(config, "slurm", "fit", context(config, "fit"))
+    config = resolve(None, ["scheduler.warning_seconds=600", "resources.fit.walltime=00:10:00"])
+    with pytest.raises(RenderError, match=r"scheduler\.warning_seconds: 600 s is not shorter than "
+                                          r"resources\.fit\.walltime 00:10:00"):
+        render_script(config, "slurm", "fit", context(config, "fit"))
+    render_script(config, "slurm", "prep", context(config, "prep"))      # prep jobs get no warning
+    render_script(config, "pbs", "fit", context(config, "fit"))          # SLURM only
+    config = resolve(None, ["scheduler.warning_seconds=70000", "resources.fit.walltime=2-00:00:00"])
+    with pytest.raises(RenderError, match="65535"):
+        render_script(config, "slurm", "fit", context(config, "fit"))
+
+
 def test_pbs_job_name_must_start_with_a_letter():
     config = resolve(None, ["run.name=2024run"])
     with pytest.raises(RenderError, match="job name"):
@@ -190,7 +212,7 @@ def test_hostile_python_path_is_quoted_and_never_runs(tmp_path):
     assert proc.stdout.splitlines() == ["prologue-ran", "epilogue-ran"]
     recorded = calls(log)
     assert [c["argv"] for c in recorded] == [
-        [str(python), "-m", "dre_hpc.batch.worker", "fit", "."],
+        [str(python), "-m", "dre_hpc.batch.worker", "fit", ".", "--ranks", "1"],
         [str(python), "-m", "dre_hpc.batch.worker", "finish", "fit", ".", "--exit-code", "3"]]
     assert recorded[0]["cwd"] == str(run)
 

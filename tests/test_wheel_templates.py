@@ -50,4 +50,4 @@ def test_wheel_carries_the_templates(tmp_path):
     assert module.startswith(str(venv)) and templates.startswith(str(venv))
     assert templates.endswith("dre_hpc/templates")
     assert "#SBATCH --job-name=wheel-fit\n" in proc.stdout
-    assert "\n/py -m dre_hpc.batch.worker fit .\n" in proc.stdout
+    assert "\n/py -m dre_hpc.batch.worker fit . --ranks 1 &\n" in proc.stdout

@@ -9,7 +9,8 @@ exactly this render context::
      "job_name": str}        # scheduler job name
 
 Everything else comes from the config: ``resources.<stage>`` (directives, launcher, prologue,
-epilogue), ``container`` (image, binds, gpu) and ``run.python``. With a container image the
+epilogue), ``container`` (image, binds, gpu), ``run.python`` and ``scheduler.warning_seconds``
+(SLURM fit jobs: ``--signal=B:USR1@N``). With a container image the
 payload runs the image's Python: ``run.python`` when set, else ``python`` from the image's PATH
 (the host's interpreter does not exist inside the image), so ``context["python"]`` is then unused.
 
@@ -33,6 +34,7 @@ from dre_hpc.errors import DreError
 SCHEDULERS = ("slurm", "pbs", "local")
 STAGES = ("prep", "fit", "collate")
 CONTEXT_KEYS = ("run_name", "stage", "python", "job_name")
+SIGNAL_MAX = 65535               # seconds: the largest sig_time of sbatch --signal
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
 _JOB_NAME = {"slurm": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"),
@@ -175,8 +177,22 @@ def validate(config, scheduler: str, stage: str, context: dict) -> None:
         else "letters, digits, _ . + -"
     _check_name("job name (from run.name)", context["job_name"], _JOB_NAME[scheduler], what)
     _check_name("run.name", context["run_name"])
+    if scheduler == "slurm" and stage == "fit":
+        _check_warning(int(config.scheduler["warning_seconds"]), res["walltime"])
     if not str(context["python"]).strip():
         raise RenderError("run.python: empty Python path")
+
+
+def _check_warning(warning: int, walltime: str) -> None:
+    """``--signal=B:USR1@warning``: SLURM takes at most 65535 s, and a warning as long as the
+    walltime would interrupt every fit job as soon as it starts."""
+    if warning > SIGNAL_MAX:
+        raise RenderError(f"scheduler.warning_seconds: {warning} s is more than SLURM's --signal "
+                          f"accepts ({SIGNAL_MAX} s)")
+    if warning and warning >= walltime_seconds(walltime):
+        raise RenderError(f"scheduler.warning_seconds: {warning} s is not shorter than "
+                          f"resources.fit.walltime {walltime}: every fit would be interrupted at once "
+                          f"(lower it, or 0 for no warning)")
 
 
 def _payload_python(config, context) -> str:
@@ -190,7 +206,8 @@ def render_script(config, scheduler_name: str, stage: str, context: dict) -> str
     validate(config, scheduler_name, stage, context)
     res = config.resources[stage]
     values = dict(context, res=res, ranks=total_ranks(res), container=config.container,
-                  python=_payload_python(config, context), scheduler=scheduler_name)
+                  python=_payload_python(config, context), scheduler=scheduler_name,
+                  warning_seconds=int(config.scheduler["warning_seconds"]))
     try:
         return environment().get_template(f"{scheduler_name}.sh.j2").render(**values)
     except jinja2.TemplateError as exc:

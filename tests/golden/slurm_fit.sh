@@ -9,6 +9,7 @@
 #SBATCH --partition=gpu
 #SBATCH --account=YOUR_ACCOUNT
 #SBATCH --output=logs/slurm/%x-%A_%a.out
+#SBATCH --signal=B:USR1@300
 #SBATCH --constraint=a100
 # dre-batch fit job of run survey_dr1, slurm scheduler.
 # Rendered by dre_hpc.batch.render from templates/slurm.sh.j2: change the run
@@ -22,9 +23,24 @@ fi
 # prologue (resources.fit.prologue, verbatim)
 module load python/3.11 openmpi/4.1 cuda/12.2
 source "$HOME/venvs/dre_hpc/bin/activate"
-srun /opt/dre/venv/bin/python -m dre_hpc.batch.worker fit .
-status=$?
-# record an outcome if the payload died without one (one process, inside the same environment)
+# the payload runs in the background so that this shell can forward TERM and USR1 to it as USR1
+# (the worker then checkpoints and exits 75, retryable; Open MPI's mpirun kills its ranks at once
+# on TERM but forwards USR1); `wait` returns early (status > 128) whenever a trapped signal
+# arrives, so it is repeated until the payload has really exited
+interrupted=0
+payload=
+trap 'interrupted=1; if [ -n "$payload" ]; then kill -USR1 "$payload" 2>/dev/null; fi' TERM USR1
+srun /opt/dre/venv/bin/python -m dre_hpc.batch.worker fit . --ranks 4 &
+payload=$!
+if [ "$interrupted" = 1 ]; then kill -USR1 "$payload" 2>/dev/null; fi
+while :; do
+    interrupted=0
+    wait "$payload"
+    status=$?
+    if [ "$interrupted" = 0 ] || [ "$status" -le 128 ]; then break; fi
+done
+# record an outcome if the payload died without one, and resubmit an interrupted item
+# (scheduler.retries; one process, inside the same environment)
 /opt/dre/venv/bin/python -m dre_hpc.batch.worker finish fit . --exit-code "$status"
 # epilogue (resources.fit.epilogue, verbatim)
 echo "fit chunk finished on $(hostname)"

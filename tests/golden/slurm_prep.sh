@@ -19,8 +19,23 @@ if [ ! -f manifest.json ]; then
 fi
 # prologue (resources.prep.prologue, verbatim)
 module load python/3.11 openmpi/4.1
-/opt/dre/venv/bin/python -m dre_hpc.batch.worker prep .
-status=$?
-# record an outcome if the payload died without one (one process, inside the same environment)
+# the payload runs in the background so that this shell can forward TERM and USR1 to it as USR1
+# (the worker then checkpoints and exits 75, retryable; Open MPI's mpirun kills its ranks at once
+# on TERM but forwards USR1); `wait` returns early (status > 128) whenever a trapped signal
+# arrives, so it is repeated until the payload has really exited
+interrupted=0
+payload=
+trap 'interrupted=1; if [ -n "$payload" ]; then kill -USR1 "$payload" 2>/dev/null; fi' TERM USR1
+/opt/dre/venv/bin/python -m dre_hpc.batch.worker prep . &
+payload=$!
+if [ "$interrupted" = 1 ]; then kill -USR1 "$payload" 2>/dev/null; fi
+while :; do
+    interrupted=0
+    wait "$payload"
+    status=$?
+    if [ "$interrupted" = 0 ] || [ "$status" -le 128 ]; then break; fi
+done
+# record an outcome if the payload died without one, and resubmit an interrupted item
+# (scheduler.retries; one process, inside the same environment)
 /opt/dre/venv/bin/python -m dre_hpc.batch.worker finish prep . --exit-code "$status"
 exit "$status"
