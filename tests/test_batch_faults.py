@@ -1,6 +1,6 @@
 """Faults dre-batch must survive, on the local scheduler with real processes and real signals.
 
-A fit process killed with SIGKILL mid-chunk, a tile whose prep fails, a corrupted chunk output,
+A fit process killed with SIGKILL mid-chunk (automatic retries off), a tile whose prep fails, a corrupted chunk output,
 and two ``run`` commands on one run directory. (The same faults through real SLURM are in
 test_batch_slurm.py.)
 """
@@ -56,9 +56,11 @@ def _kill_mid_chunk(run_dir: Path, tile: str, tile_index: int, chunk: int, timeo
 
 
 def test_sigkill_mid_chunk_then_failed_only_gives_the_same_catalogue(tmp_path, sim_tiles, local_reference):
+    """With automatic retries off (a kill by a signal is retryable: test_batch_retry.py has the
+    automatic rerun), the chunk stays failed until ``run --failed-only``."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", chunks_per_tile=2)
-    assert dre_batch("setup", config, sim_tiles, "--run-dir", run_dir).returncode == 0
+    assert dre_batch("setup", config, sim_tiles, "--run-dir", run_dir, "--set", "scheduler.retries=0").returncode == 0
     runner = subprocess.Popen([sys.executable, "-m", "dre_hpc.cli.dre_batch", "run", str(run_dir)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -68,6 +70,7 @@ def test_sigkill_mid_chunk_then_failed_only_gives_the_same_catalogue(tmp_path, s
         runner.kill()
     assert runner.returncode == 1, output
     assert "fit tile_b chunk 1: failed: killed by signal 9" in output
+    assert "fit tile_b chunk 1: not run again: automatic retries are off (scheduler.retries: 0)" in output
     status = dre_batch("status", run_dir, "--json")
     assert status.returncode == 1
     chunks = {(t["name"], c["chunk"]): c for t in json.loads(status.stdout)["tiles"] for c in t["chunks"]}

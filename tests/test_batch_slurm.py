@@ -8,8 +8,10 @@ Two tiny simulated tiles (512x512, 15 galaxies, 30 stars) are made once for the 
 - The reference: setup -> run (real job arrays, fits afterok on their tile's prep element) ->
   status --wait -> collate -> link; the same tiles on the local scheduler give an identical flat
   catalogue, and so does ``objects_per_chunk`` (the prep job submits its tile's fit array itself).
-- Faults: a fit job killed with SIGKILL mid-chunk (``scancel --signal=KILL --full`` once its
-  ``started`` marker is there) is reported failed and ``run --failed-only`` reruns only it; a tile
+- Faults: a fit job whose processes are SIGKILLed mid-chunk (once its ``started`` marker is
+  there; nothing of the job runs afterwards) is reported failed, one cancelled with ``scancel``
+  checkpoints but does not resubmit itself, and ``run --failed-only`` reruns only them; a fit sent
+  USR1 (``scancel --signal=USR1 --batch``, the walltime warning) checkpoints and resubmits itself; a tile
   whose image is garbage fails its prep, SLURM cancels its fits (``kill_invalid_depend``) and
   collate lists them; a second ``run`` while one holds the lock is refused. The lock is held by
   this test process with ``fcntl.flock`` on ``DIR/.run.lock`` (the lock ``run`` takes), which is
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -250,14 +254,40 @@ def _wait_for(path: Path, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def test_fit_killed_mid_chunk_is_rerun_alone(reference, tiles, batch, slurm_cluster, tmp_path):
+def _sigkill_element(job_id: str, index: int) -> int:
+    """SIGKILL every process of one running array element (its batch shell and the worker, found
+    by their SLURM_ARRAY_* environment in /proc), as the OOM killer or a dying node would: nothing
+    of the job runs afterwards. Returns how many processes were killed."""
+    wanted = {f"SLURM_ARRAY_JOB_ID={job_id}".encode(), f"SLURM_ARRAY_TASK_ID={index}".encode()}
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0")) if entry.name.isdigit() else set()
+            program = (entry / "cmdline").read_bytes().split(b"\0")[0]
+        except OSError:
+            continue
+        if wanted <= env:
+            found.append((not program.endswith(b"bash"), int(entry.name)))
+    for _, pid in sorted(found):                # the batch shell first: no finish step runs
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(found)
+
+
+def test_fit_killed_or_cancelled_mid_chunk_is_rerun_alone(reference, tiles, batch, slurm_cluster, tmp_path):
+    """tile_a chunk 1 is SIGKILLed (shell and worker at once): it vanishes without an outcome.
+    tile_b chunk 1 is cancelled with scancel, which sends SIGTERM first: the worker checkpoints,
+    but the job does not resubmit itself (a user stopped it). `run --failed-only` reruns both."""
     run_dir = tmp_path / "kill"
     batch.ok("setup", write_config(tmp_path / "run.yaml"), tiles[0], "--run-dir", run_dir)
     batch.ok("run", run_dir)
-    fit_a = next(r for r in records(run_dir) if r["tile"] == "tile_a")["job_id"]
-    started = run_dir / "markers" / "fit" / "tile_a" / "00001.started"
-    _wait_for(started, 120, "fit tile_a chunk 1")
-    slurm_cluster.run(["scancel", "--signal=KILL", "--full", f"{fit_a}_1"])   # mid-payload
+    fit_a, fit_b = (next(r for r in records(run_dir) if r["tile"] == t)["job_id"] for t in TILES)
+    _wait_for(run_dir / "markers" / "fit" / "tile_b" / "00001.started", 120, "fit tile_b chunk 1")
+    slurm_cluster.run(["scancel", f"{fit_b}_1"])
+    _wait_for(run_dir / "markers" / "fit" / "tile_a" / "00001.started", 120, "fit tile_a chunk 1")
+    assert _sigkill_element(fit_a, 1) >= 2                                # mid-payload
     first = batch.wait(run_dir, expect=1)
     states = chunk_states(batch.json_status(run_dir))
     state, reason = states.pop(("tile_a", 1))
@@ -265,15 +295,51 @@ def test_fit_killed_mid_chunk_is_rerun_alone(reference, tiles, batch, slurm_clus
     log = reason.rpartition("log: ")[2]          # SLURM's output of that element (--output=...%A_%a)
     assert log == f"logs/slurm/{RUN}-fit-tile_a-{fit_a}_1.out" and (run_dir / log).is_file(), reason
     assert "fit tile_a chunk 1 [failed]: the job ended without writing an outcome" in first.stdout
+    state, reason = states.pop(("tile_b", 1))
+    # the worker's checkpoint exit, or (SIGTERM before its handler was set) the script's finish
+    assert state == "failed" and reason.startswith(("interrupted by SIG", "killed by signal 15")), reason
+    cancelled = (run_dir / "logs" / "slurm" / f"{RUN}-fit-tile_b-{fit_b}_1.out").read_text()
+    assert f"fit tile_b chunk 1: not resubmitted: job {fit_b}_1 is being cancelled (scancel)" in cancelled
+    assert "retryable, but its job ended without resubmitting it" in first.stdout
     assert {s for s, _ in states.values()} == {"done"}
     assert not (run_dir / "chunks" / "tile_a" / "00001_dre.fits").exists()
+    assert not any("attempt" in r for r in records(run_dir))             # nothing resubmitted itself
     before = len(records(run_dir))
 
     rerun = batch.ok("run", run_dir, "--failed-only")
     new = records(run_dir)[before:]
-    assert [(r["stage"], r["tile"], r["indices"]) for r in new] == [("fit", "tile_a", [1])], rerun.stdout
+    assert [(r["stage"], r["tile"], r["indices"]) for r in new] == [
+        ("fit", "tile_a", [1]), ("fit", "tile_b", [1])], rerun.stdout
     assert "--array=0" in new[0]["command"] and "DRE_ARRAY_OFFSET=1" in new[0]["command"][4]
     batch.wait(run_dir)
+    batch.ok("collate", run_dir)
+    assert_same_catalogue(flat(run_dir), flat(reference["dir"]))
+
+
+def test_fit_interrupted_by_usr1_resubmits_itself(reference, tiles, batch, slurm_cluster, tmp_path):
+    """``scancel --signal=USR1 --batch`` on a running fit, what ``--signal=B:USR1@N`` does before
+    the walltime: the job script forwards USR1 to the worker, which checkpoints and exits 75; the
+    job's finish step resubmits the chunk (attempt 2, recorded); ``status --wait`` follows the new
+    job to the end; the catalogue is the reference's."""
+    run_dir = tmp_path / "usr1"
+    batch.ok("setup", write_config(tmp_path / "run.yaml"), tiles[0], "--run-dir", run_dir)
+    batch.ok("run", run_dir)
+    fit_a = next(r for r in records(run_dir) if r["tile"] == "tile_a")["job_id"]
+    _wait_for(run_dir / "markers" / "fit" / "tile_a" / "00001.started", 120, "fit tile_a chunk 1")
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", f"{fit_a}_1"])
+    shown = batch.wait(run_dir).stdout
+    assert "6/6 done" in shown
+    retried = [r for r in records(run_dir) if "attempt" in r]
+    assert [(r["stage"], r["tile"], r["indices"], r["offset"], r["attempt"], r["retry_of"]) for r in retried] == [
+        ("fit", "tile_a", [1], 1, 2, f"{fit_a}_1")], records(run_dir)
+    new = retried[0]["job_id"]
+    log = (run_dir / "logs" / "slurm" / f"{RUN}-fit-tile_a-{fit_a}_1.out").read_text()
+    assert "fit tile_a chunk 1: interrupted (" in log, log
+    assert f"; resubmitted as job {new}, retry 1 of 2 (attempt 2 of 3)" in log, log
+    states = slurm_cluster.wait_for([fit_a, new], timeout=60)       # done marker first, then the job ends
+    assert (states[f"{fit_a}_1"], states[f"{fit_a}_0"], states[f"{new}_0"]) == ("FAILED", "COMPLETED", "COMPLETED")
+    done = json.loads((run_dir / "markers" / "fit" / "tile_a" / "00001.done").read_text())
+    assert (done["job_id"], done["attempt"]) == (f"{new}_0", 2)
     batch.ok("collate", run_dir)
     assert_same_catalogue(flat(run_dir), flat(reference["dir"]))
 

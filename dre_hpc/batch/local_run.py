@@ -3,11 +3,16 @@
 Prep tasks start first; the fits of a tile start as soon as its prep succeeded (a failed prep
 leaves them blocked, with the prep's reason in its marker). At most ``scheduler.max_parallel`` run
 at once. The submissions are recorded like a cluster's (job id ``local-<pid>``), so `status` can
-tell a chunk that is still running from one whose process died.
+tell a chunk that is still running from one whose process died. A task whose failure is retryable
+(interrupted by a signal) runs again at once while ``scheduler.retries`` allows (`retry.decide`),
+recorded as a new submission with its ``attempt``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+from .retry import decide, item_label
 from .run import _submit, record_submission
 from .rundir import RunDir
 from .schedulers.local import LocalTask
@@ -34,12 +39,16 @@ def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
         if name not in prep_names and chunks is not None:
             tasks += _fit_tasks(rundir, scheduler, tiles[name], chunks)
 
+    retries = config.scheduler["retries"]
+
     def follow(task, returncode):
+        _report(rundir, task, returncode, out)
+        again = _retry(rundir, scheduler, task, returncode, retries, out)
+        if again is not None:
+            return [again]
         if task.stage != "prep":
-            _report(rundir, task, returncode, out)
             return []
         tile = rundir.tile(task.tile_index)
-        _report(rundir, task, returncode, out)
         if returncode != 0 or tile.name not in plan.fits:
             return []
         chunks = plan.fits[tile.name]
@@ -66,9 +75,31 @@ def _fit_tasks(rundir, scheduler, tile, chunks) -> list:
                       log=rundir.log("fit", tile.name, k)) for k in chunks]
 
 
-def _record(rundir, scheduler, stage, tile, indices) -> None:
+def _record(rundir, scheduler, stage, tile, indices, extra=None) -> None:
     record_submission(rundir, scheduler, stage, tile, indices, 0, scheduler.job_id,
-                      ["bash", scheduler.script(stage)])
+                      ["bash", scheduler.script(stage)], extra)
+
+
+def _retry(rundir, scheduler, task, returncode, retries, out):
+    """The task again (its next attempt, recorded as a submission) when it failed retryably and
+    `retries` allows; else None. Prints one line for a retryable failure either way."""
+    if returncode == 0:
+        return None
+    tile = rundir.tile(task.tile_index)
+    k = task.key[2]
+    kind, content = rundir.read_marker(task.stage, tile.name, k)
+    if kind != "failed" or not (content or {}).get("retryable"):
+        return None
+    decision = decide(content, retries, task.attempt)
+    what = item_label(task.stage, tile.name, k)
+    if not decision.allowed:
+        out(f"{what}: not run again: {decision.why_not()}")
+        return None
+    index = tile.index if task.stage == "prep" else k
+    _record(rundir, scheduler, task.stage, None if task.stage == "prep" else tile.name, [index],
+            {"attempt": decision.next_attempt, "retry_of": scheduler.job_id})
+    out(f"{what}: running it again, {decision.describe()}")
+    return dataclasses.replace(task, attempt=decision.next_attempt, started=None)
 
 
 def _report(rundir, task, returncode, out) -> None:

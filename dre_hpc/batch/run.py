@@ -7,7 +7,8 @@ submitted twice. Prep runs as one array over tiles, each tile's fits as one arra
 depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
 is known only after prep: then the prep job submits its tile's fit array itself, afterok on its
 own element, before it writes its done marker (`submit_tile_fits`). A lock (``DIR/.run.lock``,
-flock) keeps two ``run`` commands apart.
+flock) keeps two ``run`` commands apart; an interrupted job that resubmits itself (`retry`) takes
+it too, waiting a bounded time, and submits through `_submit` like ``run``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import fcntl
 import os
 import shlex
+import time
 from dataclasses import dataclass, field
 
 from dre_hpc.errors import DreError
@@ -46,18 +48,29 @@ class Plan:
         return not self.prep and not self.fits
 
 
+LOCK_POLL = 0.2           # seconds between tries of a waiting run_lock
+
+
 @contextlib.contextmanager
-def run_lock(rundir: RunDir):
-    """Hold ``DIR/.run.lock`` exclusively (non-blocking) for the body, or raise RunLockedError."""
+def run_lock(rundir: RunDir, wait: float = 0.0):
+    """Hold ``DIR/.run.lock`` exclusively for the body, or raise RunLockedError: at once
+    (`wait` 0, what ``dre-batch run`` does), else after trying for `wait` seconds (a job's
+    automatic retry: a ``run`` holding the lock never waits for a job, so this cannot deadlock)."""
     handle = open(rundir.lock, "a+", encoding="utf-8")
+    deadline = time.monotonic() + wait
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise RunLockedError(f"{rundir.root}: another dre-batch run is working on this run "
-                                 f"directory ({holder}); wait for it or check `dre-batch status`") from None
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(LOCK_POLL)
+                    continue
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                raise RunLockedError(f"{rundir.root}: another dre-batch run is working on this run "
+                                     f"directory ({holder}); wait for it or check `dre-batch status`") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} since {utc_now()}\n")
@@ -158,8 +171,10 @@ def submit_tile_fits(rundir: RunDir, tile_index: int, n_chunks: int, after=None)
                    False, lambda text: None)
 
 
-def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_run, out) -> list:
-    """Submit one array per block of `indices`; record each; return ``[{index: (job_id, offset)}]``."""
+def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_run, out,
+            extra=None) -> list:
+    """Submit one array per block of `indices`; record each (with the `extra` fields, e.g. the
+    ``attempt`` of an automatic retry); return ``[{index: (job_id, offset)}]``."""
     results = []
     for argv, block, offset in scheduler.submit_commands(stage, indices, job_name, env, after):
         out(shlex.join(argv))
@@ -167,16 +182,17 @@ def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_r
             results.append({i: (DRY_RUN_JOB_ID.format(stage=stage.upper()), offset) for i in block})
             continue
         job_id = scheduler.submit(argv)
-        record_submission(rundir, scheduler, stage, tile, block, offset, job_id, argv)
+        record_submission(rundir, scheduler, stage, tile, block, offset, job_id, argv, extra)
         results.append({i: (job_id, offset) for i in block})
     return results
 
 
-def record_submission(rundir, scheduler, stage, tile, indices, offset, job_id, argv) -> None:
-    """Save one submission (the ``jobs/<n>.json`` record that `status` reads)."""
+def record_submission(rundir, scheduler, stage, tile, indices, offset, job_id, argv, extra=None) -> None:
+    """Save one submission (the ``jobs/<n>.json`` record that `status` reads); an automatic retry
+    adds ``attempt`` (the attempt it starts) and ``retry_of`` (the job that was interrupted)."""
     rundir.record_submission({"stage": stage, "tile": tile, "indices": list(indices), "offset": offset,
                               "job_id": job_id, "scheduler": scheduler.name, "command": list(argv),
-                              "time": utc_now()})
+                              "time": utc_now(), **(extra or {})})
 
 
 def _pending_prep_jobs(rundir) -> dict:

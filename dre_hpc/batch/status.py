@@ -10,6 +10,13 @@ States: ``unsubmitted``, ``pending``, ``running``, ``done``, ``failed`` (with th
    ``done``/``failed`` marker. A submitted item the scheduler no longer has, without an outcome
    marker, died without saying why (SIGKILL, out of memory, walltime): it is reported as failed.
 
+A failed item whose latest submission is a newer job than the one that failed (an automatic retry,
+`dre_hpc.batch.retry`, or ``run --failed-only``) follows that job: pending or running while the
+scheduler has it. A retryable failure with retries left, whose own job is still in the queue
+(its finish step is about to resubmit it), is running. ``retry`` says which: "retry 1 of 2
+submitted", "no retry left (attempt 3 of 3, ...)"; ``attempt`` and ``retryable`` come from the
+failed marker.
+
 A tile whose chunk count is not known yet (``objects_per_chunk`` and prep not done) has one fit item
 with ``chunk=None``. Without a scheduler (``scheduler=None``) nothing is asked: submitted items
 without an outcome are reported as running (``started`` marker) or pending.
@@ -22,12 +29,16 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+from dre_hpc.batch.retry import attempt_of, decide, same_job
 from dre_hpc.batch.rundir import MARKER_KINDS, OUTCOMES, RunDir, RunDirError, chunk_label, read_json
 
 STATES = ("unsubmitted", "pending", "running", "done", "failed", "blocked")
 ACTIVE = ("pending", "running")
 VANISHED = "the job ended without writing an outcome (killed? out of memory? walltime?); log: {log}"
 NEVER_STARTED = "the job left the queue without starting (cancelled? dependency never satisfied?); log: {log}"
+RETRY_NEVER_STARTED = "resubmitted after: {reason}; but job {job} left the queue without starting; log: {log}"
+NOT_RESUBMITTED = ("retryable, but its job ended without resubmitting it (see the log); "
+                   "`dre-batch run --failed-only` reruns it")
 ARCHIVE_RECORD = "archive.json"          # collated/archive.json, written by archive.archive()
 
 
@@ -43,6 +54,9 @@ class ItemStatus:
     reason: str | None = None
     job_id: str | None = None
     log: str | None = None           # relative to the run directory
+    attempt: int | None = None       # of the failed run (failed markers; None when not read)
+    retryable: bool | None = None    # the failed marker's retryable
+    retry: str | None = None         # what happens about a retryable failure (see the module doc)
 
 
 @dataclass
@@ -126,17 +140,21 @@ def _scan(folder) -> dict:
     return found
 
 
-def _latest_submissions(rundir: RunDir) -> dict:
+def _latest_submissions(rundir: RunDir, attempts: dict | None = None) -> dict:
     """``{(stage, tile or tile index, index): (job_id, scheduler index)}`` from the latest record
     covering each item. The scheduler index is the position in the submitted array: the item
-    index minus the block's offset (``offset`` in the record, else its first index)."""
+    index minus the block's offset (``offset`` in the record, else its first index). `attempts`,
+    when given, gets the ``attempt`` of each item's latest record (None: not an automatic retry)."""
     latest = {}
     for record in rundir.submissions():
         indices = record.get("indices") or []
         offset = record.get("offset", min(indices) if indices else 0)
         tile = record.get("tile") if record.get("stage") == "fit" else None
         for index in indices:
-            latest[(record.get("stage"), tile, int(index))] = (str(record.get("job_id")), int(index) - offset)
+            key = (record.get("stage"), tile, int(index))
+            latest[key] = (str(record.get("job_id")), int(index) - offset)
+            if attempts is not None:
+                attempts[key] = record.get("attempt")
     return latest
 
 
@@ -155,13 +173,15 @@ def ask_scheduler(scheduler, wanted: dict) -> dict:
     return states
 
 
-def _failed_reason(rundir: RunDir, stage: str, tile: str, k) -> str:
+def _failed_marker(rundir: RunDir, stage: str, tile: str, k) -> tuple:
+    """``(reason, content)`` of an item's failed marker (content {} when it cannot be read)."""
     path = rundir.marker(stage, tile, k, "failed")
     try:
-        reason = read_json(path, f"{stage} failed marker").get("reason")
+        content = read_json(path, f"{stage} failed marker")
     except RunDirError as exc:
-        return str(exc)
-    return str(reason) if reason else f"failed (no reason in {path.name})"
+        return str(exc), {}
+    reason = content.get("reason")
+    return (str(reason) if reason else f"failed (no reason in {path.name})"), content
 
 
 def _scheduler_log(scheduler, job) -> str | None:
@@ -176,8 +196,28 @@ class _Collector:
 
     def __init__(self, rundir: RunDir, scheduler):
         self.rundir, self.scheduler = rundir, scheduler
-        self.submitted = _latest_submissions(rundir)
+        self.record_attempts = {}
+        self.submitted = _latest_submissions(rundir, self.record_attempts)
         self.items, self.kinds, self.unresolved = [], {}, {}
+        self.superseded, self.finishing = {}, set()    # positions of failed items (see `failed`)
+        self._retries = None
+
+    @property
+    def retries(self) -> int:
+        """``scheduler.retries`` of the run (read once, when a failed item needs it)."""
+        if self._retries is None:
+            config = getattr(self.scheduler, "config", None)
+            if config is None:
+                from dre_hpc.batch.config import load_config
+                config = load_config(self.rundir.config)
+            self._retries = int(config.scheduler["retries"])
+        return self._retries
+
+    def element(self, job) -> str:
+        """The id under which array element `job` ``(job_id, array index)`` writes its markers."""
+        make = getattr(self.scheduler, "dependency_id", None)      # a bare `active` object has none
+        job_id, index = job
+        return make(job_id, index) if make and index is not None else job_id
 
     def rel(self, path) -> str:
         return os.path.relpath(path, self.rundir.root)
@@ -190,7 +230,7 @@ class _Collector:
         if kind == "done":
             item.state = "done"
         elif kind == "failed":
-            item.state, item.reason = "failed", _failed_reason(self.rundir, stage, tile.name, k)
+            self.failed(item, key, job)
         elif job is not None:
             item.state = "running" if kind == "started" else "pending"
             self.unresolved[len(self.items)] = job
@@ -199,6 +239,36 @@ class _Collector:
         self.items.append(item)
         self.kinds[len(self.items) - 1] = kind
         return item
+
+    def failed(self, item, key, job):
+        """A failed marker: the item is failed, unless a newer job was submitted for it
+        (`superseded`: it follows that job) or its own job is still finishing and will resubmit
+        it (`finishing`); both are settled by asking the scheduler in `resolve`."""
+        item.reason, content = _failed_marker(self.rundir, item.stage, item.tile, item.chunk)
+        item.state, item.attempt = "failed", attempt_of(content)
+        item.retryable = bool(content.get("retryable"))
+        position = len(self.items)
+        if job is not None and self.scheduler is not None and content.get("job_id") is not None:
+            retry_attempt = self.record_attempts.get(key)
+            if not same_job(content.get("job_id"), self.element(job)) or \
+                    (retry_attempt is not None and attempt_of({"attempt": retry_attempt}) > item.attempt):
+                item.state = "pending"
+                item.retry = (f"retry {retry_attempt - 1} of {self.retries} submitted" if retry_attempt
+                              else "resubmitted")
+                self.superseded[position] = content
+                self.unresolved[position] = job
+                return
+        if not item.retryable:
+            return
+        decision = decide(content, self.retries, self.record_attempts.get(key))
+        if not decision.allowed:
+            item.retry = decision.why_not()
+        elif job is not None and self.scheduler is not None:
+            item.retry = f"{decision.describe()} being submitted by its job"
+            self.finishing.add(position)
+            self.unresolved[position] = job
+        else:
+            item.retry = NOT_RESUBMITTED
 
     def tile(self, tile, prep_kinds):
         prep = self.add("prep", tile, None, prep_kinds.get(tile.name), ("prep", None, tile.index))
@@ -227,17 +297,52 @@ class _Collector:
         answer = ask_scheduler(self.scheduler, self.unresolved)
         for position in self.unresolved:
             item = self.items[position]
+            if position in self.finishing:
+                self.settle_finishing(position, answer)
+                continue
             if position in answer:
                 item.state = "running" if self.kinds[position] == "started" else answer[position]
                 continue
             kind, content = self.rundir.read_marker(item.stage, item.tile, item.chunk)
+            if position in self.superseded and kind == "failed" and content == self.superseded[position]:
+                item.log = _scheduler_log(self.scheduler, self.unresolved[position]) or item.log
+                item.state = "failed"          # the newer job never wrote a marker
+                item.reason = RETRY_NEVER_STARTED.format(reason=item.reason, job=self.element(
+                    self.unresolved[position]), log=item.log)
+                continue
             if kind in OUTCOMES:
-                item.state = kind
+                item.state, item.retry = kind, None
                 item.reason = (content or {}).get("reason") if kind == "failed" else None
+                if kind == "failed":
+                    item.attempt, item.retryable = attempt_of(content), bool(content.get("retryable"))
             else:
                 template = VANISHED if kind == "started" else NEVER_STARTED
                 item.log = _scheduler_log(self.scheduler, self.unresolved[position]) or item.log
                 item.state, item.reason = "failed", template.format(log=item.log)
+
+    def settle_finishing(self, position, answer):
+        """A retryable failure whose own job may still be resubmitting it: running while the
+        scheduler has that job; else pending when a newer submission appeared meanwhile (read the
+        records again: the job may have resubmitted and ended since they were read), else failed."""
+        item = self.items[position]
+        if position in answer:
+            item.state = "running"
+            return
+        key = (item.stage, item.tile if item.stage == "fit" else None,
+               item.chunk if item.stage == "fit" else item.tile_index)
+        attempts = {}
+        newer = _latest_submissions(self.rundir, attempts).get(key)
+        if newer is not None and newer != self.unresolved[position]:
+            item.state, item.job_id = "pending", newer[0]
+            item.retry = (f"retry {attempts[key] - 1} of {self.retries} submitted" if attempts.get(key)
+                          else "resubmitted")
+            return
+        kind, _ = self.rundir.read_marker(item.stage, item.tile, item.chunk)
+        if kind == "failed":
+            item.state, item.retry = "failed", NOT_RESUBMITTED
+        else:                # rewritten meanwhile by a newer job (its record was missed): follow it
+            item.state = {"done": "done", "started": "running"}.get(kind, "pending")
+            item.reason = item.retry = None
 
     def block(self):
         """Fit items of tiles whose prep failed, without a done marker, are blocked."""
@@ -314,13 +419,21 @@ def format_table(status: RunStatus) -> str:
         lines.append(f"{t.name:<{width}}  {t.prep:<11}  {str(t.counts['done']) + '/' + total:>11}  "
                      f"{failed:>6}  {t.counts['running']:>7}  {t.counts['pending']:>7}")
     lines.append(format_progress(status))
+    retrying = [item for item in status.items if item.retry and item.state in ACTIVE]
+    if retrying:
+        lines.append(f"{len(retrying)} retried or resubmitted:")
+        lines += [_item_line(item) for item in retrying]
     bad = status.failed_items()
     if bad:
         lines.append(f"{len(bad)} failed or blocked:")
-        for item in bad:
-            where = item.tile if item.stage == "prep" else f"{item.tile} chunk {_label(item.chunk)}"
-            lines.append(f"  {item.stage} {where} [{item.state}]: {item.reason}")
+        lines += [_item_line(item) for item in bad]
     return "\n".join(lines)
+
+
+def _item_line(item) -> str:
+    """``  fit TILE chunk K [state]: reason (retry)``."""
+    where = item.tile if item.stage == "prep" else f"{item.tile} chunk {_label(item.chunk)}"
+    return f"  {item.stage} {where} [{item.state}]: {item.reason}" + (f" ({item.retry})" if item.retry else "")
 
 
 def _label(chunk) -> str:

@@ -167,21 +167,31 @@ def exit_reason(exit_code: int) -> tuple:
 
 
 def finish(stage: str, rundir, exit_code: int, tile=None, chunk=None) -> int:
-    """Record the failure of a payload that exited non-zero without a done or failed marker.
-    Never fails itself: returns 0 (problems are printed)."""
+    """Record the failure of a payload that exited non-zero without a done or failed marker of
+    this job (a marker of an earlier job of the item does not count), then, on SLURM and PBS,
+    resubmit the item when its failure is retryable and ``scheduler.retries`` allows
+    (`retry.resubmit`). Never fails itself: returns 0 (problems are printed)."""
+    from . import retry
     try:
         rundir = RunDir(rundir)
         item, k = resolve_item(stage, rundir, tile, chunk)
-        kind, _ = rundir.read_marker(stage, item.name, k)
-        if exit_code == 0 or kind in ("done", "failed"):
+        kind, content = rundir.read_marker(stage, item.name, k)
+        own = environment.job_id()
+        mine = own is None or retry.same_job((content or {}).get("job_id"), own)
+        if exit_code == 0 or kind == "done":
             return 0
-        if stage == "fit":
-            remove_chunk_outputs(rundir, item.name, k)
-        reason, retryable = exit_reason(exit_code)
-        rundir.write_marker(stage, item.name, k, "failed",
-                            failed_content(reason, None, exit_code, retryable))
+        if kind != "failed" or not mine:
+            if stage == "fit":
+                remove_chunk_outputs(rundir, item.name, k)
+            attempt = (content or {}).get("attempt") if kind == "started" else \
+                retry.attempt_of(content) + 1 if kind == "failed" else None
+            attempt = attempt or retry.own_record_attempt(rundir, stage, item, k, own)
+            reason, retryable = exit_reason(exit_code)
+            content = {**failed_content(reason, None, exit_code, retryable), "attempt": attempt or 1}
+            rundir.write_marker(stage, item.name, k, "failed", content)
+        retry.resubmit(rundir, stage, item, k, content, own, out=lambda text: print(text, flush=True))
     except Exception as exc:
-        print(f"worker finish: cannot record the outcome: {one_line(exc)}", file=sys.stderr)
+        print(f"worker finish: cannot record the outcome or resubmit: {one_line(exc)}", file=sys.stderr)
     return 0
 
 

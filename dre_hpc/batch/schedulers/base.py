@@ -140,6 +140,12 @@ class Scheduler:
     def active(self, job_ids) -> dict:
         raise NotImplementedError
 
+    def being_cancelled(self, job_id: str) -> bool:
+        """Whether job (array element) `job_id`, which asks about itself while it ends, is being
+        cancelled by a user rather than stopped by its walltime or a signal; then it must not
+        resubmit itself. False where the scheduler cannot tell."""
+        return False
+
     def log_file(self, job_id: str, index) -> str | None:
         """The scheduler's own log of array element `index` of `job_id`, relative to the run
         directory, where the scheduler writes one and it exists; None otherwise."""

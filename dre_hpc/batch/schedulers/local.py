@@ -40,6 +40,7 @@ class LocalTask:
     log: Path
     tile_index: int | None = None
     started: float | None = field(default=None, compare=False)
+    attempt: int = 1              # 2, 3, ...: an automatic retry (local_run)
 
 
 def pid_alive(pid: int) -> bool:

@@ -60,6 +60,18 @@ class SlurmScheduler(Scheduler):
         """``JOBID_INDEX``: one element of an array."""
         return f"{job_id}_{int(index)}"
 
+    def being_cancelled(self, job_id: str) -> bool:
+        """``squeue -h -j ID -o "%T %r"``: a job that ``scancel`` ends is COMPLETING with reason
+        None while its processes get SIGTERM, one at its walltime COMPLETING with reason TimeLimit,
+        one sent a signal (``--signal=B:USR1@N``, ``scancel --signal``) still RUNNING. A failing
+        squeue: False (the job resubmits, as it would without this check)."""
+        try:
+            proc = self.run_command(["squeue", "-h", "-j", str(job_id), "-o", "%T %r"], timeout=30)
+        except SchedulerError:
+            return False
+        words = proc.stdout.split()
+        return len(words) >= 2 and words[0] in ("COMPLETING", "CANCELLED") and words[1] == "None"
+
     def log_file(self, job_id: str, index) -> str | None:
         """``logs/slurm/<job name>-<job id>_<index>.out`` (the script's ``--output``), if it exists."""
         if index is None:
