@@ -34,10 +34,12 @@ pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("
                                 reason="SExtractor/PSFEx not installed (bin/install-system-packages)")
 
 BASE = ["prep.margin=40", "fit.batch_size=4"]
-PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs"}
+PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs",
+                  "attempt"}
 FIT_DONE_KEYS = {"tile", "chunk", "n_chunks", "start", "stop", "rows", "outputs", "seconds", "job_id",
-                 "host", "time", "config_hash"}
-FAILED_KEYS = {"reason", "traceback", "exit_code", "retryable", "job_id", "host", "time"}
+                 "host", "time", "config_hash", "attempt", "ranks", "schedule", "resumed_objects",
+                 "fitted_objects", "checkpoints", "per_rank"}
+FAILED_KEYS = {"reason", "traceback", "exit_code", "retryable", "job_id", "host", "time", "attempt"}
 
 
 @pytest.fixture(scope="session")

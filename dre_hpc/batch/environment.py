@@ -29,6 +29,7 @@ OFFSET_VAR = "DRE_ARRAY_OFFSET"
 TILE_VAR = "DRE_TILE"
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
 
 
@@ -97,6 +98,16 @@ def mpi_rank() -> int:
 def mpi_size() -> int:
     """The number of MPI ranks (1 when not launched by MPI)."""
     return _first_int(SIZE_VARS, default=1)
+
+
+def mpi_launcher_size() -> int | None:
+    """The world size an MPI launcher announced, or None when none did: ``OMPI_COMM_WORLD_SIZE``
+    (mpirun), ``PMI_SIZE`` (PMI-1/2), ``SLURM_STEP_NUM_TASKS`` beside ``PMIX_RANK`` (srun
+    --mpi=pmix). ``SLURM_NTASKS`` alone is not one: the batch shell has it too."""
+    found = _first(LAUNCHER_SIZE_VARS)
+    if found is None and _first(("PMIX_RANK",)):
+        found = _first(("SLURM_STEP_NUM_TASKS",))
+    return _int(*found) if found else None
 
 
 def mpi_local_rank() -> int:

@@ -2,22 +2,23 @@
 
 The same fitting as the ``dre`` command (`dre_hpc.fit`: one convolution of the model cube per PSF
 extension, batched fits, the Summary columns joined with the SExtractor catalogue), with the
-options built from the run config (``fit.*``). Only the chunk's cutouts (and its edge batches)
-are read.
+options built from the run config (``fit.*``), run by every rank of the job (`chunk_fit`, `comm`).
+Only the cutouts of the chunk's units are read, one unit at a time.
 
-Results do not depend on chunking, bit for bit. A batched fit's floating-point results depend on
-the batch's composition (BLAS blocking, the batch's union of usable pixels), so the unit of work is
-fixed by the tile, not by the chunk: a *fitting unit* is the objects of one image extension
-within one tile-global batch ``[b*B, (b+1)*B)`` (B = ``fit.batch_size``). A chunk fits every unit
-it touches whole and keeps its own rows, at the cost of at most 2(B-1) extra object fits at its
-edges. (The ``dre`` command batches per cuts file, so its numbers may differ in the last bits.)
+Results do not depend on chunking, rank count or interruptions, bit for bit. A batched fit's
+floating-point results depend on the batch's composition (BLAS blocking, the batch's union of
+usable pixels), so the unit of work is fixed by the tile, not by the chunk: a *fitting unit* is
+the objects of one image extension within one tile-global batch ``[b*B, (b+1)*B)``
+(B = ``fit.batch_size``). A chunk fits every unit it touches whole and keeps its own rows, at the
+cost of at most 2(B-1) extra object fits at its edges. (The ``dre`` command batches per cuts file,
+so its numbers may differ in the last bits.)
 
-Split for the MPI/GPU worker to come: `fit_objects` fits whole units of a `CutoutSet` (no files,
-no markers; ranks can share out units), `chunk_table` and `write_chunk` turn the results into the
-chunk's files, and `run_fit` strings them together for one process. Outputs are written under
-temporary names and renamed (`dre_hpc.io.outputs`); a chunk that fails leaves none of its
-output files. The fit draws no random numbers; any future draw must use
-`chunking.object_rng(seed, tile, object_index)`.
+`run_fit` pins BLAS to ``resources.fit.cpus_per_task`` threads (its results depend on the
+thread count); world rank 0 removes an earlier attempt's outputs and loads the checkpoint; the ranks
+fit the remaining units (`chunk_fit.fit_pending`); rank 0 gathers the results, writes the chunk's
+files under temporary names and renames them (`dre_hpc.io.outputs`), and removes the checkpoint.
+A chunk that fails leaves none of its output files. The fit draws no random numbers; any future
+draw must use `chunking.object_rng(seed, tile, object_index)`.
 """
 
 from __future__ import annotations
@@ -26,21 +27,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from .. import __version__
 from ..errors import InputError
-from ..fit.engine import FitOptions, fit_batch
-from ..fit.tiles import CubeModels, empty_results, psf_index
+from ..fit.engine import FitOptions
+from ..fit.tiles import empty_results
 from ..io.catalog import offsets_from_catalog, read_catalog
-from ..io.cuts import read_cuts
+from ..io.cuts import read_cut_objects, read_cuts
 from ..io.outputs import summary_table, write_chi, write_summary
-from ..models.psf import read_psf
+from .checkpoint import Checkpoint, CheckpointPolicy, identity_digest
+from .chunk_fit import ChunkInterrupted, NodeModels, fit_pending, plan_units
 from .chunking import chunk_range
+from .comm import SerialComm
 from .prep_job import tile_products
+from .environment import hostname
 from .rundir import RunDir, Tile, file_sha256
 
 CHI_COMPRESSION = "none"          # chunk files are intermediates: speed over size
-_MODELS: dict = {}                # one CubeModels per process (a job fits one chunk; tests many)
+_MODELS: dict = {}                # one NodeModels per process (a job fits one chunk; tests many)
 
 
 def fit_options(config) -> FitOptions:
@@ -50,29 +55,19 @@ def fit_options(config) -> FitOptions:
                       batch_size=fit["batch_size"], centre=fit["centre"])
 
 
-def load_models(config) -> CubeModels:
-    """The model cube of ``fit.model`` (null: the default cube) with its convolution cache,
-    loaded once per process for a given cube, backend, thread count and PSF convention."""
+def load_models(config, comm) -> NodeModels:
+    """The model cube of ``fit.model`` (null: the default cube) for `comm`'s ranks, loaded once per
+    process for a given cube, backend, thread count, PSF convention and sharing."""
     from ..cli.dre import load_cube
     fit = config["fit"]
     workers = config["resources"]["fit"]["cpus_per_task"]
-    key = (fit["model"], fit["backend"], workers, fit["psf_pixel"])
+    key = (fit["model"], fit["backend"], workers, fit["psf_pixel"], fit["shared_models"], id(comm))
     if key not in _MODELS:
-        cube, grid, cube_key = load_cube(fit["model"])
         _MODELS.clear()
-        _MODELS[key] = CubeModels(cube, grid, cube_key, backend=fit["backend"], workers=workers,
-                                  psf_has_pixel=fit["psf_pixel"] == "included")
+        _MODELS[key] = NodeModels(comm, lambda: load_cube(fit["model"]), backend=fit["backend"],
+                                  workers=workers, psf_has_pixel=fit["psf_pixel"] == "included",
+                                  shared=fit["shared_models"])
     return _MODELS[key]
-
-
-def read_chunk(products: dict, start: int, stop: int, boxsize: int) -> tuple:
-    """``(cuts, catalog)``: objects ``[start, stop)`` of the tile's cuts, with positions from the
-    catalogue where the cuts file has none (DRE layout), and the catalogue (None if absent)."""
-    cuts = read_cuts(products["cuts"], start, stop, boxsize=boxsize)
-    catalog = read_catalog(products["catalog"]) if products["catalog"].is_file() else None
-    if catalog is not None and not np.isfinite(cuts.offsets).all():
-        offsets_from_catalog(cuts.objects, catalog, boxsize)
-    return cuts, catalog
 
 
 def unit_range(start: int, stop: int, n_objects: int, batch_size: int) -> tuple:
@@ -82,38 +77,50 @@ def unit_range(start: int, stop: int, n_objects: int, batch_size: int) -> tuple:
     return start // batch_size * batch_size, min(-(-stop // batch_size) * batch_size, n_objects)
 
 
-def fit_objects(models: CubeModels, cuts, first: int, psf_file, options: FitOptions) -> dict:
-    """Fit a `CutoutSet` holding tile objects ``first, first+1, ...`` unit by unit (extension x
-    tile-global batch, see the module docstring): per-object columns and ``SURFACE`` in the order
-    of `cuts`. An object's numbers are the same whenever its unit is whole in `cuts`.
-    Pure computation: no markers, no output files."""
-    ext = np.asarray(cuts.objects["EXT_NUMBER"])
-    batch = (first + np.arange(len(cuts))) // options.batch_size
-    parts, order = [], []
-    for value in np.unique(ext):                     # one convolution per extension's PSF
-        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(value)))
-        for b in np.unique(batch[ext == value]):
-            index = np.flatnonzero((ext == value) & (batch == b))
-            parts.append(fit_batch(mm, cuts.subset(index), options))
-            order.append(index)
-    if not parts:
-        return empty_results(models.grid)
-    inverse = np.argsort(np.concatenate(order))
-    return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}
+class ChunkReader:
+    """The chunk's object table and its units' cutouts, with positions from the catalogue where
+    the cuts file has none (DRE layout)."""
+
+    def __init__(self, products: dict, lo: int, hi: int, n_objects: int, boxsize: int):
+        self.path, self.boxsize = products["cuts"], boxsize
+        catalog_path = products["catalog"]
+        self.catalog = read_catalog(catalog_path) if catalog_path.is_file() else None
+        self.objects, self.names = read_cut_objects(self.path, lo, hi)
+        if len(self.objects) != hi - lo:
+            raise InputError(f"{self.path}: {len(self.objects)} objects from {lo} to {hi}, expected "
+                             f"{hi - lo} (the prep marker counts {n_objects}); rerun the tile's prep")
+        self._positions(self.objects)
+
+    def _positions(self, objects):
+        if self.catalog is not None and not np.isfinite(objects[["DX", "DY"]].tolist()).all():
+            offsets_from_catalog(objects, self.catalog, self.boxsize)
+
+    def unit(self, unit):
+        """The `CutoutSet` of one unit."""
+        cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize)
+        self._positions(cuts.objects)
+        return cuts.subset(unit.index)
 
 
-def fit_chunk(models: CubeModels, products: dict, bounds: tuple, n_objects: int, options) -> tuple:
-    """``(cuts, catalog, results)`` of chunk ``bounds = (start, stop)``: its whole units read
-    and fitted, then trimmed to the chunk's own objects."""
-    start, stop = bounds
-    lo, hi = unit_range(start, stop, n_objects, options.batch_size)
-    cuts, catalog = read_chunk(products, lo, hi, models.grid.boxsize)
-    if len(cuts) != hi - lo:
-        raise InputError(f"{products['cuts']}: {len(cuts)} objects from {lo} to {hi}, expected "
-                         f"{hi - lo} (the prep marker counts {n_objects}); rerun the tile's prep")
-    results = fit_objects(models, cuts, lo, products["psf"], options)
-    keep = slice(start - lo, stop - lo)
-    return cuts.subset(keep), catalog, {k: v[keep] for k, v in results.items()}
+def chunk_identity(config, tile: Tile, bounds: tuple, n_objects: int, prep: dict, cube_key) -> str:
+    """What a checkpoint must match: the chunk, the settings that change results, the cube and
+    the prep products (their checksums)."""
+    fit = config["fit"]
+    settings = {k: fit[k] for k in ("model", "statistic", "backend", "gain", "batch_size", "centre",
+                                    "min_pixels", "psf_pixel")}
+    return identity_digest({"version": __version__, "tile": tile.name, "bounds": list(bounds),
+                            "n_objects": n_objects, "fit": settings, "cube": cube_key,
+                            "prep": prep.get("outputs")})
+
+
+def assemble(units, results: dict, lo: int, hi: int, keep: slice, grid) -> dict:
+    """Columns of objects ``[lo, hi)`` in order from per-unit results, trimmed to `keep`."""
+    if not units:
+        return empty_results(grid)
+    position = np.concatenate([u.first - lo + u.index for u in units])
+    inverse = np.argsort(position)
+    names = results[units[0].uid].keys()
+    return {k: np.concatenate([results[u.uid][k] for u in units])[inverse][keep] for k in names}
 
 
 def provenance(config, tile: Tile, k: int, n_chunks: int, bounds: tuple, psf_rel: str) -> dict:
@@ -126,9 +133,9 @@ def provenance(config, tile: Tile, k: int, n_chunks: int, bounds: tuple, psf_rel
             "TILE": tile.name, "CHUNK": k, "NCHUNKS": n_chunks, "OBJSTART": bounds[0], "OBJSTOP": bounds[1]}
 
 
-def chunk_table(results: dict, cuts, start: int, catalog, meta: dict, zero_point):
+def chunk_table(results: dict, objects, start: int, catalog, meta: dict, zero_point):
     """The dre Summary table of a chunk; ``ROW`` is the object's index in the tile's cuts file."""
-    table = summary_table(results, cuts.objects, zero_point, catalog, meta)
+    table = summary_table(results, objects, zero_point, catalog, meta)
     table["ROW"] = np.asarray(table["ROW"]) + start
     return table
 
@@ -140,38 +147,111 @@ def remove_chunk_outputs(rundir: RunDir, tile: str, k: int) -> None:
         path.with_name(path.name + ".tmp").unlink(missing_ok=True)
 
 
-def write_chunk(rundir: RunDir, tile: str, k: int, table, cuts, results, grid, statistic) -> dict:
+def write_chunk(rundir: RunDir, tile: str, k: int, table, names, results, grid, statistic) -> dict:
     """Write the chunk's ``_dre.fits`` and ``_chi.h5`` (each through a temporary name and a
     rename); ``{kind: {"path", "sha256", "bytes"}}`` with paths relative to the run directory."""
     paths = rundir.chunk_outputs(tile, k)
     write_summary(paths["dre"], table)
-    write_chi(paths["chi"], cuts.names, results["SURFACE"], grid, statistic, CHI_COMPRESSION)
+    write_chi(paths["chi"], names, results["SURFACE"], grid, statistic, CHI_COMPRESSION)
     return {kind: {"path": Path(p).relative_to(rundir.root).as_posix(), "sha256": file_sha256(p),
                    "bytes": Path(p).stat().st_size} for kind, p in paths.items()}
 
 
-def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict) -> dict:
-    """Fit chunk `k` of `tile` (its range from the prep done marker `prep`) and write its outputs.
+class _NoStop:
+    received = None
 
-    Returns the tile-specific content of the done marker: ``tile, chunk, n_chunks, start, stop,
-    rows, outputs, seconds, config_hash``. On any exception no output file of the chunk remains.
+
+def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, stop=None):
+    """Fit chunk `k` of `tile` (its range from the prep done marker `prep`) with every rank of
+    `comm` (default: this process alone) and write its outputs.
+
+    `stop`: a `StopSignals` (entered by the caller) whose signal ends the fit at the next unit
+    with a checkpoint and `ChunkInterrupted` on every rank. Returns, on world rank 0, the
+    tile-specific content of the done marker (``tile, chunk, n_chunks, start, stop, rows, outputs,
+    seconds, config_hash`` and how the work went: ``ranks, resumed_objects, fitted_objects,
+    checkpoints, per_rank``); None on the other ranks. On any exception no output file remains.
     """
+    comm, stop = comm or SerialComm(), stop or _NoStop()
+    # BLAS results depend on its thread count: pin it, so they do not depend on the launcher
+    with threadpool_limits(limits=config["resources"]["fit"]["cpus_per_task"], user_api="blas"):
+        return _run_fit(rundir, config, tile, k, prep, comm, stop)
+
+
+def _run_fit(rundir, config, tile, k, prep, comm, stop):
     begin = time.perf_counter()
     n_chunks, n_objects = int(prep["n_chunks"]), int(prep["n_objects"])
-    start, stop = chunk_range(n_objects, k, n_chunks)
-    products = tile_products(rundir, tile)
-    remove_chunk_outputs(rundir, tile.name, k)           # an earlier attempt's, if any
+    bounds = chunk_range(n_objects, k, n_chunks)
+    if comm.rank == 0:
+        remove_chunk_outputs(rundir, tile.name, k)           # an earlier attempt's, if any
     try:
-        models = load_models(config)
-        cuts, catalog, results = fit_chunk(models, products, (start, stop), n_objects, fit_options(config))
-        meta = provenance(config, tile, k, n_chunks, (start, stop),
-                          products["psf"].relative_to(rundir.root).as_posix())
-        table = chunk_table(results, cuts, start, catalog, meta, config["fit"]["zero_point"])
-        outputs = write_chunk(rundir, tile.name, k, table, cuts, results, models.grid,
-                              config["fit"]["statistic"])
+        models = load_models(config, comm)
+        work = ChunkWork(rundir, config, tile, k, prep, bounds, models)
+        resumed = work.checkpoint.load(work.sizes) if comm.rank == 0 else {}
+        done = set(comm.bcast(sorted(resumed)))
+        mine, stats, stopped = fit_pending(
+            comm, models, [u for u in work.units if u.uid not in done], work.reader.unit,
+            work.products["psf"], work.options, work.checkpoint, work.policy, stop,
+            config["fit"]["schedule"])
+        gathered = comm.gather(({} if stopped else mine, dict(stats, rank=comm.rank, host=hostname())))
+        if stopped:
+            raise interrupted(stop, work, done, gathered)
+        if comm.rank != 0:
+            return None
+        return dict(work.finish(resumed, gathered), seconds=round(time.perf_counter() - begin, 3))
     except BaseException:
-        remove_chunk_outputs(rundir, tile.name, k)
+        if comm.rank == 0:
+            remove_chunk_outputs(rundir, tile.name, k)
         raise
-    return {"tile": tile.name, "chunk": k, "n_chunks": n_chunks, "start": start, "stop": stop,
-            "rows": len(table), "outputs": outputs, "seconds": round(time.perf_counter() - begin, 3),
-            "config_hash": config.hash()}
+
+
+def interrupted(stop, work, done, gathered) -> ChunkInterrupted:
+    """The exception of a stopped fit; on rank 0 it counts what the checkpoint now holds."""
+    if gathered is None:
+        return ChunkInterrupted(f"interrupted by {stop.received or 'another rank'}")
+    saved = sum(work.sizes[uid] for uid in done) + sum(s["objects"] for _, s in gathered)
+    return ChunkInterrupted(f"interrupted by {stop.received or 'a signal to another rank'}: the "
+                            f"checkpoint holds {saved} of {sum(work.sizes.values())} objects "
+                            f"(whole units); a rerun resumes from there")
+
+
+class ChunkWork:
+    """One chunk's fit as every rank sees it: range, units, reader, checkpoint, policy."""
+
+    def __init__(self, rundir, config, tile, k, prep, bounds, models):
+        self.rundir, self.config, self.tile, self.k, self.prep = rundir, config, tile, k, prep
+        self.bounds, self.models = bounds, models
+        self.options = fit_options(config)
+        n_objects = int(prep["n_objects"])
+        self.lo, self.hi = unit_range(*bounds, n_objects, self.options.batch_size)
+        self.products = tile_products(rundir, tile)
+        self.reader = ChunkReader(self.products, self.lo, self.hi, n_objects, models.grid.boxsize)
+        self.units = plan_units(self.reader.objects["EXT_NUMBER"], self.lo, self.options.batch_size)
+        self.sizes = {u.uid: u.size for u in self.units}
+        identity = chunk_identity(config, tile, bounds, n_objects, prep, models.key)
+        self.checkpoint = Checkpoint(rundir.checkpoint_dir(tile.name, k), identity, models.comm.rank)
+        fit = config["fit"]
+        self.policy = CheckpointPolicy(fit["checkpoint_seconds"], fit["checkpoint_objects"])
+
+    def finish(self, resumed: dict, gathered: list) -> dict:
+        """Rank 0: assemble every unit's results, write the chunk's files, drop the checkpoint."""
+        results = dict(resumed)
+        for part, _ in gathered:
+            results.update(part)
+        start, stop = self.bounds
+        keep = slice(start - self.lo, stop - self.lo)
+        columns = assemble(self.units, results, self.lo, self.hi, keep, self.models.grid)
+        meta = provenance(self.config, self.tile, self.k, int(self.prep["n_chunks"]), self.bounds,
+                          self.products["psf"].relative_to(self.rundir.root).as_posix())
+        table = chunk_table(columns, self.reader.objects[keep], start, self.reader.catalog, meta,
+                            self.config["fit"]["zero_point"])
+        outputs = write_chunk(self.rundir, self.tile.name, self.k, table, self.reader.names[keep],
+                              columns, self.models.grid, self.config["fit"]["statistic"])
+        self.checkpoint.clear()
+        per_rank = [stats for _, stats in gathered]
+        return {"tile": self.tile.name, "chunk": self.k, "n_chunks": int(self.prep["n_chunks"]),
+                "start": start, "stop": stop, "rows": len(table), "outputs": outputs,
+                "config_hash": self.config.hash(), "ranks": len(gathered),
+                "schedule": self.config["fit"]["schedule"],
+                "resumed_objects": sum(self.sizes[uid] for uid in resumed),
+                "fitted_objects": sum(s["objects"] for s in per_rank),
+                "checkpoints": sum(s["checkpoints"] for s in per_rank), "per_rank": per_rank}

@@ -185,6 +185,10 @@ class RunDir:
         base = self.chunk_dir(tile) / chunk_label(k)
         return {"dre": base.with_name(base.name + "_dre.fits"), "chi": base.with_name(base.name + "_chi.h5")}
 
+    def checkpoint_dir(self, tile: str, k: int) -> Path:
+        """Where the fit of chunk `k` of `tile` keeps its checkpoint files until it is done."""
+        return self.chunk_dir(tile) / f"{chunk_label(k)}.ckpt"
+
     def marker_dir(self, stage: str, tile: str | None = None) -> Path:
         """``markers/prep`` or ``markers/fit/<tile>``."""
         folder = self.root / "markers" / stage

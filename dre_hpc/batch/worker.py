@@ -19,6 +19,7 @@ manifest) is a one-line error with exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
@@ -28,6 +29,8 @@ from ..cli.common import run_main
 from ..errors import DreError
 from . import environment
 from .config import load_config
+from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
+from .comm import MpiMismatchError, SerialComm, open_comm
 from .fit_job import remove_chunk_outputs, run_fit
 from .prep_job import run_prep
 from .rundir import RunDir, Tile, utc_now
@@ -84,8 +87,8 @@ def _manifest_chunks(rundir: RunDir, tile: Tile):
     return rundir.read_manifest()["tiles"][tile.index]["n_chunks"]
 
 
-def prep_work(rundir: RunDir, tile: Tile, k=None) -> dict:
-    """The prep of `tile` (done-marker content without the job fields)."""
+def prep_work(rundir: RunDir, tile: Tile, k, comm, stop) -> dict:
+    """The prep of `tile` (done-marker content without the job fields); one process."""
     config = load_config(rundir.config)
     return run_prep(rundir, config, tile, _manifest_chunks(rundir, tile))
 
@@ -100,38 +103,79 @@ class PrepNotDone(DreError):
         self.retryable = kind != "failed"           # it may still finish; a failed one needs a rerun
 
 
-def fit_work(rundir: RunDir, tile: Tile, k: int) -> dict:
-    """Chunk `k` of `tile` (done-marker content without the job fields); PrepNotDone first."""
+def fit_work(rundir: RunDir, tile: Tile, k: int, comm, stop) -> dict | None:
+    """Chunk `k` of `tile` with every rank of `comm` (done-marker content without the job
+    fields on rank 0, None on the others); PrepNotDone first."""
     kind, prep = rundir.read_marker("prep", tile.name)
     if kind != "done":
         raise PrepNotDone(tile.name, kind, prep)
     config = load_config(rundir.config)
-    return run_fit(rundir, config, tile, k, prep)
+    return run_fit(rundir, config, tile, k, prep, comm, stop)
 
 
 WORK = {"prep": prep_work, "fit": fit_work}
 
 
-def run_stage(stage: str, rundir, tile=None, chunk=None) -> int:
-    """Run one prep or fit item between its markers: 0 when done, 1 when failed (recorded)."""
+def next_attempt(rundir: RunDir, stage: str, tile: str, k) -> int:
+    """1, or one more than the attempt of an earlier run of the item that did not succeed."""
+    kind, content = rundir.read_marker(stage, tile, k)
+    if kind in ("failed", "started"):
+        return int((content or {}).get("attempt") or 1) + 1
+    return 1
+
+
+def run_stage(stage: str, rundir, tile=None, chunk=None, ranks=None) -> int:
+    """Run one prep or fit item between its markers: 0 when done, 1 when failed, RETRYABLE_EXIT
+    when a signal interrupted a fit after its checkpoint (each recorded in a marker).
+
+    A fit runs on every rank of the job (`ranks`: how many the job script asked for; checked
+    against the MPI world). World rank 0 writes the started and done markers; a rank that raises
+    writes the failed marker with its traceback and aborts the whole job, so no rank waits for it.
+    """
     rundir = RunDir(rundir)
     item, k = resolve_item(stage, rundir, tile, chunk)
-    rundir.write_marker(stage, item.name, k, "started", job_fields())
+    label = f"{stage} {item.name}{'' if k is None else f' chunk {k}'}"
+    comm, attempt = SerialComm(), next_attempt(rundir, stage, item.name, k)
     try:
-        content = WORK[stage](rundir, item, k)
-    except Exception as exc:          # everything is recorded; BaseException is left to `finish`
-        rundir.write_marker(stage, item.name, k, "failed",
-                            failed_content(one_line(exc), traceback.format_exc(),
-                                           retryable=getattr(exc, "retryable", False)))
-        print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: failed: {one_line(exc)}",
-              file=sys.stderr)
-        return FAILED_EXIT
+        if stage == "fit":
+            comm = open_comm(ranks)
+    except MpiMismatchError as exc:
+        return _record_failure(rundir, stage, item, k, label, exc, attempt, comm)
+    attempt = comm.bcast(attempt)
+    if comm.rank == 0:
+        rundir.write_marker(stage, item.name, k, "started", {**job_fields(), "attempt": attempt})
+    with StopSignals() if stage == "fit" else contextlib.nullcontext() as stop:
+        try:
+            content = WORK[stage](rundir, item, k, comm, stop)
+        except Exception as exc:      # everything is recorded; BaseException is left to `finish`
+            return _record_failure(rundir, stage, item, k, label, exc, attempt, comm)
+    if comm.rank != 0:
+        return 0
     if stage == "prep":         # before `done`: a done prep never shows its fits unsubmitted
         chain_fits(rundir, item, content["n_chunks"])
-    rundir.write_marker(stage, item.name, k, "done", {**content, **job_fields()})
-    print(f"{stage} {item.name}{'' if k is None else f' chunk {k}'}: done in {content['seconds']:.1f} s",
-          file=sys.stderr)
+    rundir.write_marker(stage, item.name, k, "done", {**content, **job_fields(), "attempt": attempt})
+    print(f"{label}: done in {content['seconds']:.1f} s", file=sys.stderr)
     return 0
+
+
+def _record_failure(rundir, stage, item, k, label, exc, attempt, comm) -> int:
+    """Write the failed marker of `exc` (an interrupted fit: rank 0 only, retryable, no
+    traceback); end the job's other ranks after a real error. Returns the exit code."""
+    if isinstance(exc, ChunkInterrupted):
+        if comm.rank == 0:
+            rundir.write_marker(stage, item.name, k, "failed", {
+                **failed_content(one_line(exc), None, RETRYABLE_EXIT, retryable=True), "attempt": attempt})
+            print(f"{label}: {one_line(exc)}", file=sys.stderr)
+        return RETRYABLE_EXIT
+    where = f" (MPI rank {comm.rank} of {comm.size})" if comm.size > 1 else ""
+    rundir.write_marker(stage, item.name, k, "failed", {
+        **failed_content(one_line(exc) + where, traceback.format_exc(),
+                         retryable=getattr(exc, "retryable", False)), "attempt": attempt})
+    print(f"{label}: failed{where}: {one_line(exc)}", file=sys.stderr)
+    if comm.size > 1:
+        sys.stderr.flush()
+        comm.abort(FAILED_EXIT)
+    return FAILED_EXIT
 
 
 def chain_fits(rundir: RunDir, tile: Tile, n_chunks: int) -> None:
@@ -204,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=text)
         s.add_argument("run_dir")
         _item_options(s, chunk=name == "fit")
+    s.add_argument("--ranks", type=int, help="MPI ranks the job asked for: the worker fails when "
+                   "the MPI world differs (default: no check)")
     s = sub.add_parser("finish", help="record a payload that ended without an outcome")
     s.add_argument("stage", choices=("prep", "fit"))
     s.add_argument("run_dir")
@@ -223,7 +269,8 @@ def drive(argv=None) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning)      # numerical noise, as in `dre`
     if args.command == "finish":
         return finish(args.stage, args.run_dir, args.exit_code, args.tile, args.chunk)
-    return run_stage(args.command, args.run_dir, args.tile, getattr(args, "chunk", None))
+    return run_stage(args.command, args.run_dir, args.tile, getattr(args, "chunk", None),
+                     getattr(args, "ranks", None))
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,28 @@ def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128)
     return cuts
 
 
+def read_cut_objects(path, start: int = 0, stop: int | None = None) -> tuple:
+    """``(table, names)`` of objects ``[start, stop)`` without their pixels: the OBJECT_FIELDS table
+    (for the DRE layout only ``NUMBER`` and ``EXT_NUMBER``, from the group names) and the names
+    that `read_cuts` gives them."""
+    with _open(path) as h5:
+        layout = detect_layout(h5, path)
+        if layout == "stacked":
+            if "objects" not in h5:
+                raise CutsFormatError(f"{path}: stacked cuts file lacks 'objects'")
+            found = h5["objects"][start:stop]
+            table = empty_objects(len(found))
+            for name in found.dtype.names:
+                if name in table.dtype.names:
+                    table[name] = found[name]
+            return table, [object_name(e, n) for e, n in zip(table["EXT_NUMBER"], table["NUMBER"])]
+        names = sorted(h5.keys())[start:stop] if layout == "dre" else []
+    table = empty_objects(len(names))
+    for i, name in enumerate(names):
+        table["EXT_NUMBER"][i], table["NUMBER"][i] = _parse_name(name, path)
+    return table, names
+
+
 def _open(path):
     path = Path(path)
     if not path.is_file():

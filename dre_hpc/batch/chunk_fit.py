@@ -1,0 +1,235 @@
+"""Fit a chunk's units with every rank of the job: one model cube per node, checkpoints, stop.
+
+A *unit* is the objects of one image extension within one tile-global batch
+``[b*B, (b+1)*B)`` (B = ``fit.batch_size``); its results are the same bit for bit whichever rank,
+attempt or chunking fits it (see `fit_job`). Units are grouped in *phases*, one per extension:
+the node's ranks convolve the cube with that extension's PSF together (each a slice, into the
+node-shared array of `NodeModels`), then share out the phase's units:
+
+- ``dynamic`` (default): each rank takes the next unfitted unit from an atomic counter, so a rank
+  slowed by harder objects (many usable pixels, the ``dre`` statistic) takes fewer;
+- ``static``: unit i goes to rank i mod N (kept for comparison: ``benchmarks/bench_worker.py``).
+
+Each rank writes its finished units to the chunk's checkpoint (`checkpoint.Checkpoint`) when the
+`CheckpointPolicy` says so. A stop signal (SIGTERM/SIGUSR1, `StopSignals`) on any rank sets the
+job-wide stop flag; every rank then finishes its current unit, checkpoints what it holds and
+raises `ChunkInterrupted` (retryable).
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import DreError
+from ..fit.backend import get_backend
+from ..fit.engine import ModelMatrix, fit_batch
+from ..fit.tiles import psf_index
+from ..models.convolve import convolve_cube, psf_digest, remove_pixel_response
+from ..models.psf import read_psf
+
+RETRYABLE_EXIT = 75                      # EX_TEMPFAIL: interrupted, checkpointed, run it again
+
+
+class ChunkInterrupted(DreError):
+    """The fit stopped on a signal after checkpointing; a rerun resumes from the checkpoint."""
+
+    retryable = True
+    exit_code = RETRYABLE_EXIT
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One fitting unit: objects ``first + index`` of the tile (one extension, one batch)."""
+
+    uid: int
+    ext: int
+    first: int                 # tile index of the batch's first object in the chunk's read range
+    stop: int                  # end of that range
+    index: np.ndarray          # positions of the unit's objects within [first, stop)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.size)
+
+
+def plan_units(ext_numbers, lo: int, batch_size: int) -> list:
+    """The units of objects ``lo, lo+1, ...`` with extension numbers `ext_numbers`, sorted by
+    (extension, batch); ``uid`` is the position in that order."""
+    ext = np.asarray(ext_numbers)
+    tile_index = lo + np.arange(ext.size)
+    batch = tile_index // batch_size
+    units = []
+    for value in np.unique(ext):
+        for b in np.unique(batch[ext == value]):
+            first, stop = max(b * batch_size, lo), min((b + 1) * batch_size, lo + ext.size)
+            members = np.flatnonzero((ext == value) & (batch == b)) + lo - first
+            units.append(Unit(len(units), int(value), int(first), int(stop), members))
+    return units
+
+
+def phases(units) -> list:
+    """``[(ext, [units])]`` in extension order."""
+    grouped = {}
+    for unit in units:
+        grouped.setdefault(unit.ext, []).append(unit)
+    return sorted(grouped.items())
+
+
+class NodeModels:
+    """The cube's unique model stamps and their convolution with the current PSF.
+
+    With ``shared`` they live once per node in MPI shared memory: the node's rank 0 reads the cube,
+    every node rank convolves a slice. Otherwise each rank has its own copy. Collective: every rank
+    constructs it and calls `for_psf` with the same PSFs in the same order.
+    """
+
+    def __init__(self, comm, load, backend="cpu", workers=None, psf_has_pixel=True, shared=True):
+        self.comm, self.workers, self.psf_has_pixel = comm, workers, psf_has_pixel
+        self.shared = bool(shared) and comm.size > 1
+        cube, grid, key = load() if (comm.node_rank == 0 or not self.shared) else (None, None, None)
+        if self.shared:
+            grid, key = comm.bcast((grid, key) if comm.rank == 0 else None)
+        self.grid, self.key = grid, key
+        representatives, _ = grid.unique_models()
+        shape = (representatives.size,) + cube_shape(grid)
+        alloc = comm.shared_array if self.shared else np.empty
+        self.unique, self.convolved = alloc(shape, np.float32), alloc(shape, np.float32)
+        if cube is not None:
+            self.unique[:] = cube.reshape((grid.size,) + shape[1:])[representatives]
+        del cube
+        comm.barrier()
+        self.xp = get_backend(backend, device=comm.local_rank)
+        self.digest, self.matrix = None, None
+
+    def for_psf(self, psf) -> ModelMatrix:
+        """The models convolved with `psf` (its pixel response removed first when it has one)."""
+        if self.psf_has_pixel:
+            psf = remove_pixel_response(psf)
+        digest = psf_digest(psf)
+        if digest != self.digest:
+            parts, part = (self.comm.node_size, self.comm.node_rank) if self.shared else (1, 0)
+            lo, hi = np.linspace(0, len(self.unique), parts + 1).astype(int)[part:part + 2]
+            convolve_cube(self.unique[lo:hi], psf, workers=self.workers, out=self.convolved[lo:hi])
+            if self.shared:
+                self.comm.barrier()
+            self.digest, self.matrix = digest, ModelMatrix(self.xp, self.grid, self.convolved)
+        return self.matrix
+
+
+def cube_shape(grid) -> tuple:
+    return (grid.boxsize, grid.boxsize)
+
+
+class StopSignals:
+    """Records SIGTERM and SIGUSR1 (the walltime warning) instead of dying: the fit stops at the
+    next unit. Installed only in the main thread; the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def device_batch_limit(xp, n_pixels: int, n_models: int, fraction: float = 0.5):
+    """Objects per device pass that fit in `fraction` of the free GPU memory; None on the host.
+    Per object: about ten pixel-sized float32 arrays and six model-sized float64 rows."""
+    runtime = getattr(getattr(xp, "cuda", None), "runtime", None)
+    if runtime is None:
+        return None
+    free, _ = runtime.memGetInfo()
+    return max(1, int(free * fraction) // (40 * n_pixels + 48 * n_models))
+
+
+def fit_unit(mm: ModelMatrix, cuts, options, limit=None) -> dict:
+    """Fit one unit's cutouts: one batch, or passes of `limit` objects when the device is short."""
+    if limit is None or len(cuts) <= limit:
+        return fit_batch(mm, cuts, options)
+    parts = [fit_batch(mm, cuts.subset(slice(i, i + limit)), options) for i in range(0, len(cuts), limit)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _assigned(comm, counter, slot, units, schedule, stop):
+    """The units of one phase that this rank fits, until the job-wide stop."""
+    mine = iter(range(comm.rank, len(units), comm.size)) if schedule == "static" else None
+    while True:
+        if stop.received:
+            counter.request_stop()
+        if counter.stopped():
+            return
+        i = next(mine, len(units)) if mine is not None else counter.next(slot)
+        if i >= len(units):
+            return
+        yield units[i]
+
+
+def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, checkpoint, policy,
+                stop, schedule="dynamic") -> tuple:
+    """Fit `units` (those not in the checkpoint) with every rank. Returns this rank's
+    ``({uid: results}, stats, stopped)``; `stopped` (the same on every rank) when a stop signal
+    ended the fit early, after every rank checkpointed its unsaved units."""
+    counter = comm.counter(max(len(phases(units)), 1))
+    mine, pending, stats = {}, {}, {"units": 0, "objects": 0, "fit_seconds": 0.0, "checkpoints": 0}
+    stopping = False
+    for slot, (ext, group) in enumerate(phases(units)):
+        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
+        limit = device_batch_limit(mm.xp, mm.models.shape[1], mm.models.shape[0])
+        for unit in _assigned(comm, counter, slot, group, schedule, stop):
+            begin = time.perf_counter()
+            mine[unit.uid] = pending[unit.uid] = fit_unit(mm, read_unit(unit), options, limit)
+            stats["fit_seconds"] += time.perf_counter() - begin
+            stats["units"] += 1
+            stats["objects"] += unit.size
+            if policy.due(sum(len(r["FLAGS"]) for r in pending.values())):
+                _save(checkpoint, pending, policy, stats)
+        comm.barrier()                  # the next phase overwrites the shared convolved models
+        stopping = comm.any(stop.received or counter.stopped())
+        if stopping:
+            _save(checkpoint, pending, policy, stats)
+            break
+    counter.free()          # collective: not after an exception (the job is aborted instead)
+    stats.update(memory_mb(), fit_seconds=round(stats["fit_seconds"], 3))
+    return mine, stats, stopping
+
+
+def _save(checkpoint, pending, policy, stats):
+    if checkpoint.save(pending):
+        stats["checkpoints"] += 1
+    pending.clear()
+    policy.written()
+
+
+def memory_mb() -> dict:
+    """This process's peak resident memory and, where Linux tells, its current resident, proportional
+    (shared pages divided among their users) and private memory, in MB."""
+    out = {"max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    fields = {"Rss:": "rss_mb", "Pss:": "pss_mb", "Private_Clean:": "private_mb", "Private_Dirty:": "private_mb"}
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                parts = line.split()
+                if parts and parts[0] in fields:
+                    name = fields[parts[0]]
+                    out[name] = round(out.get(name, 0) + int(parts[1]) / 1024, 1)
+    except OSError:
+        pass
+    return out
