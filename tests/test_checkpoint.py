@@ -296,7 +296,8 @@ def test_check_world_against_the_launcher():
 
 
 LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID",
-                 "SLURM_NTASKS", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
+                 "SLURM_NTASKS", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
+                 "PMIX_RANK", "SLURM_STEP_NUM_TASKS")
 
 
 @pytest.fixture
