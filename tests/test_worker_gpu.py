@@ -11,8 +11,9 @@ CI and this machine have no GPU. Most tests here run the worker's GPU code path 
 * a fake ``cupy`` module (``cuda.runtime.getDeviceCount``, ``cuda.Device(n).use()`` recording
   ``n``) checks which device `get_backend` selects (``local_rank % device_count``) and that
   `NodeModels` asks for the device of its node-local rank.
-* a fake ``cuda.runtime.memGetInfo`` checks `device_batch_limit` and that `fit_unit` then fits a
-  unit in passes of at most that many objects, with results within tolerance of one pass.
+* a fake ``cuda.runtime.memGetInfo`` checks `device_batch_limit` (shared among the ranks on one
+  GPU) and that a unit larger than the room is refused with the ``fit.batch_size`` to use, while a
+  unit that just fits gives the CPU results.
 
 What the stand-ins cannot check: real CUDA kernels and their numerics (cuBLAS, TF32, reduction
 order), whether the memory model of `device_batch_limit` (bytes per object) matches what CuPy
@@ -34,14 +35,14 @@ from astropy.table import Table
 from batch_helpers import make_run
 
 from dre_hpc.batch import chunk_fit, fit_job
-from dre_hpc.batch.chunk_fit import NodeModels, device_batch_limit, fit_unit
+from dre_hpc.batch.chunk_fit import (DeviceMemoryError, NodeModels, check_device_room,
+                                     device_batch_limit, ranks_per_device)
 from dre_hpc.batch.comm import SerialComm
 from dre_hpc.batch.config import load_config
 from dre_hpc.batch.worker import run_stage
 from dre_hpc.errors import BackendError
 from dre_hpc.fit import backend as backend_module
 from dre_hpc.fit.backend import get_backend
-from dre_hpc.fit.engine import FitOptions
 
 from test_device_namespace import EVENTS, DeviceArray, guarded, make_guarded_namespace
 
@@ -137,38 +138,32 @@ def test_run_fit_with_the_gpu_backend_on_the_guarded_namespace_equals_cpu(prepar
         np.testing.assert_allclose(surface, cpu_surfaces[key], rtol=1e-6, atol=1e-6, err_msg=key)
 
 
+def _device_with_room_for(n_objects: int, xp=None):
+    """The guarded namespace with a fake ``memGetInfo`` leaving room for `n_objects` per pass
+    (default cube: 16384 pixels, 2289 unique models) and one device."""
+    xp = xp or make_guarded_namespace()
+    per_object = 40 * 16384 + 48 * 2289
+    xp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
+        memGetInfo=lambda: (2 * n_objects * per_object, 16 * 2 ** 30), getDeviceCount=lambda: 1))
+    return xp
+
+
 @needs_tools
-def test_run_fit_streams_passes_sized_to_the_device_memory(prepared, cpu_result, fresh_models,
-                                                           monkeypatch):
-    """A device with room for 3 objects per pass: units of 4 are fitted as 3 + 1 and the results
-    stay within tolerance of the CPU run (see `test_fit_unit_in_passes_matches_one_pass`)."""
-    xp = make_guarded_namespace()
-    queries = []
-    per_object = {}
+def test_run_fit_refuses_units_larger_than_the_device_room(prepared, fresh_models, monkeypatch):
+    """Room for 3 objects, units of 4 (fit.batch_size 4): a clear error naming the key, before any
+    fit; units are never split in passes (their numbers would then depend on the free memory)."""
+    _stand_in_backend(monkeypatch, _device_with_room_for(3))
+    with pytest.raises(DeviceMemoryError, match=r"fit.batch_size 4\) does not fit .* \(room for 3 "
+                                                r"objects\): set fit.batch_size to 3 or less"):
+        _fit(prepared, ["fit.backend=gpu"])
 
-    def mem_get_info():
-        queries.append(1)
-        return 3 * per_object["bytes"] * 2 + 1, 16 * 2 ** 30       # fraction 0.5 -> 3 objects
-    xp.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(memGetInfo=mem_get_info))
-    _stand_in_backend(monkeypatch, xp)
-    passes = []
-    real = chunk_fit.fit_batch
 
-    def fit_batch(mm, cuts, options):
-        passes.append(len(cuts))
-        return real(mm, cuts, options)
-    monkeypatch.setattr(chunk_fit, "fit_batch", fit_batch)
-    original_limit = chunk_fit.device_batch_limit
-
-    def limit(xp_, n_pixels, n_models, fraction=0.5):
-        per_object["bytes"] = 40 * n_pixels + 48 * n_models
-        return original_limit(xp_, n_pixels, n_models, fraction)
-    monkeypatch.setattr(chunk_fit, "device_batch_limit", limit)
+@needs_tools
+def test_run_fit_with_exactly_enough_device_room(prepared, cpu_result, fresh_models, monkeypatch):
+    _stand_in_backend(monkeypatch, _device_with_room_for(4))
     done, table, _ = _fit(prepared, ["fit.backend=gpu"])
-    assert queries == [1]                            # one phase (one extension): asked once
-    assert max(passes) == 3 and sum(passes) == 14 and len(passes) > 4    # the 4-object units split
     assert done["fitted_objects"] == 14
-    _assert_close(table, cpu_result[1], rtol=1e-6, flux_rtol=FLUX_RTOL_PASSES)
+    _assert_close(table, cpu_result[1])
 
 
 # -- which device ------------------------------------------------------------------------------------
@@ -254,47 +249,17 @@ def test_device_batch_limit():
     assert device_batch_limit(_fake_xp(40 * 2 ** 30), 16384, 2289) == 28063     # 40 GiB free
 
 
-@pytest.fixture(scope="module")
-def unit_fit(default_models, sim_galaxies):
-    cuts, _, psf = sim_galaxies
-    return default_models.for_psf(psf), cuts.subset(np.arange(20))
-
-
-#: FLUX of `wls` depends on the number of objects fitted together: the float32 matrix products
-#: behind the chi-square surface are blocked by BLAS according to the batch's shape, and FLUX is
-#: refined from a parabola through neighbouring chi-square values, which amplifies their last-bit
-#: differences. Measured on 20 simulated galaxies, passes of 6 or 1 against one pass of 20: FLUX
-#: 2.4e-5, FLUX_ERR 1.1e-4, SURFACE (float32 chi-square values) 1.2e-4 relative; CHI2 (the best
-#: model's, recomputed) 4e-16; MODEL_IDX and FLAGS equal. ``dre`` (per object): 2e-15.
-FLUX_RTOL_PASSES = 1e-4
-
-
-@pytest.mark.parametrize("statistic", ["wls", "dre"])
-def test_fit_unit_in_passes_matches_one_pass(unit_fit, monkeypatch, statistic):
-    mm, cuts = unit_fit
-    options = FitOptions(statistic=statistic)
-    passes = []
-    real = chunk_fit.fit_batch
-
-    def fit_batch(mm_, cuts_, options_):
-        passes.append(len(cuts_))
-        return real(mm_, cuts_, options_)
-    monkeypatch.setattr(chunk_fit, "fit_batch", fit_batch)
-    whole = fit_unit(mm, cuts, options)
-    assert passes == [20]
-    assert fit_unit(mm, cuts, options, limit=20) is not None and passes == [20, 20]   # fits: one pass
-    passes.clear()
-    split = fit_unit(mm, cuts, options, limit=6)
-    assert passes == [6, 6, 6, 2]
-    assert set(split) == set(whole)
-    for name, values in whole.items():
-        assert split[name].shape == values.shape and split[name].dtype == values.dtype, name
-    np.testing.assert_array_equal(split["MODEL_IDX"], whole["MODEL_IDX"])
-    np.testing.assert_array_equal(split["FLAGS"], whole["FLAGS"])
-    np.testing.assert_allclose(split["CHI2"], whole["CHI2"], rtol=1e-12)
-    np.testing.assert_allclose(split["FLUX"], whole["FLUX"], rtol=FLUX_RTOL_PASSES)
-    np.testing.assert_allclose(split["FLUX_ERR"], whole["FLUX_ERR"], rtol=10 * FLUX_RTOL_PASSES)
-    np.testing.assert_allclose(split["SURFACE"], whole["SURFACE"], rtol=10 * FLUX_RTOL_PASSES)
+def test_device_room_is_shared_by_the_ranks_on_one_gpu():
+    xp = _device_with_room_for(100)
+    assert ranks_per_device(np, 4) == 4                       # the host: no devices to share
+    assert ranks_per_device(xp, 1) == 1 and ranks_per_device(xp, 3) == 3
+    xp.cuda.runtime.getDeviceCount = lambda: 2
+    assert ranks_per_device(xp, 3) == 2 and ranks_per_device(xp, 4) == 2
+    assert device_batch_limit(xp, 16384, 2289, sharing=2) == 50
+    check_device_room(50, [types.SimpleNamespace(size=50)], 50)
+    with pytest.raises(DeviceMemoryError, match="set fit.batch_size to 49 or less"):
+        check_device_room(49, [types.SimpleNamespace(size=3), types.SimpleNamespace(size=50)], 50)
+    check_device_room(None, [types.SimpleNamespace(size=10 ** 6)], 10 ** 6)     # the host
 
 
 # -- a real GPU --------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@ node-shared array of `NodeModels`), then share out the phase's units:
   slowed by harder objects (many usable pixels, the ``dre`` statistic) takes fewer;
 - ``static``: unit i goes to rank i mod N (kept for comparison: ``benchmarks/bench_worker.py``).
 
+On a GPU every unit goes to the device whole; a unit larger than the room the free device memory
+leaves (shared among the ranks on that GPU) is refused up front with the ``fit.batch_size`` to
+use, rather than split in passes whose size, and so whose numbers, would depend on the moment.
+
 Each rank writes its finished units to the chunk's checkpoint (`checkpoint.Checkpoint`) when the
 `CheckpointPolicy` says so. A stop signal (SIGTERM/SIGUSR1, `StopSignals`) on any rank sets the
 job-wide stop flag; every rank then finishes its current unit, checkpoints what it holds and
@@ -150,22 +154,43 @@ class StopSignals:
         return False
 
 
-def device_batch_limit(xp, n_pixels: int, n_models: int, fraction: float = 0.5):
-    """Objects per device pass that fit in `fraction` of the free GPU memory; None on the host.
-    Per object: about ten pixel-sized float32 arrays and six model-sized float64 rows."""
+class DeviceMemoryError(DreError):
+    """A fitting unit does not fit in the GPU memory left to this rank."""
+
+
+def device_batch_limit(xp, n_pixels: int, n_models: int, fraction: float = 0.5, sharing: int = 1):
+    """Objects per device pass that fit in `fraction` of the free GPU memory divided among the
+    `sharing` ranks that use this GPU; None on the host. Per object: about ten pixel-sized float32
+    arrays and six model-sized float64 rows."""
     runtime = getattr(getattr(xp, "cuda", None), "runtime", None)
     if runtime is None:
         return None
     free, _ = runtime.memGetInfo()
-    return max(1, int(free * fraction) // (40 * n_pixels + 48 * n_models))
+    return max(1, int(free * fraction / max(sharing, 1)) // (40 * n_pixels + 48 * n_models))
 
 
-def fit_unit(mm: ModelMatrix, cuts, options, limit=None) -> dict:
-    """Fit one unit's cutouts: one batch, or passes of `limit` objects when the device is short."""
-    if limit is None or len(cuts) <= limit:
-        return fit_batch(mm, cuts, options)
-    parts = [fit_batch(mm, cuts.subset(slice(i, i + limit)), options) for i in range(0, len(cuts), limit)]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+def ranks_per_device(xp, node_ranks: int) -> int:
+    """How many of this node's ranks share each GPU (1 on the host)."""
+    runtime = getattr(getattr(xp, "cuda", None), "runtime", None)
+    count = runtime.getDeviceCount() if runtime is not None and hasattr(runtime, "getDeviceCount") else 1
+    return -(-node_ranks // max(count, 1))
+
+
+def check_device_room(limit, units, batch_size: int) -> None:
+    """Refuse units larger than the device room. Units are never split into smaller passes: a
+    unit's numbers depend on its composition, and a pass size taken from the free memory of the
+    moment would make them depend on it too."""
+    largest = max((u.size for u in units), default=0)
+    if limit is not None and largest > limit:
+        raise DeviceMemoryError(f"a fitting unit of {largest} objects (fit.batch_size {batch_size}) "
+                                f"does not fit in the GPU memory left to this rank (room for {limit} "
+                                f"objects): set fit.batch_size to {limit} or less, or run fewer ranks "
+                                f"per GPU")
+
+
+def fit_unit(mm: ModelMatrix, cuts, options) -> dict:
+    """Fit one unit's cutouts as one batch (the wrap point of tests/worker_harness.py)."""
+    return fit_batch(mm, cuts, options)
 
 
 def _assigned(comm, counter, slot, units, schedule, stop):
@@ -192,10 +217,12 @@ def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, c
     stopping = False
     for slot, (ext, group) in enumerate(phases(units)):
         mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
-        limit = device_batch_limit(mm.xp, mm.models.shape[1], mm.models.shape[0])
+        check_device_room(device_batch_limit(mm.xp, mm.models.shape[1], mm.models.shape[0],
+                                             sharing=ranks_per_device(mm.xp, comm.node_size)),
+                          group, options.batch_size)
         for unit in _assigned(comm, counter, slot, group, schedule, stop):
             begin = time.perf_counter()
-            mine[unit.uid] = pending[unit.uid] = fit_unit(mm, read_unit(unit), options, limit)
+            mine[unit.uid] = pending[unit.uid] = fit_unit(mm, read_unit(unit), options)
             stats["fit_seconds"] += time.perf_counter() - begin
             stats["units"] += 1
             stats["objects"] += unit.size

@@ -102,7 +102,8 @@ class MpiComm:
         return bool(self.world.allreduce(int(bool(flag)), op=self.mpi.MAX))
 
     def shared_array(self, shape, dtype) -> np.ndarray:
-        """A zero-initialised array shared by the ranks of this node (collective on the node)."""
+        """An uninitialised array (like ``np.empty``) shared by the ranks of this node (collective
+        on the node)."""
         dtype = np.dtype(dtype)
         nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
         win = self.mpi.Win.Allocate_shared(nbytes if self.node_rank == 0 else 0, dtype.itemsize,
@@ -110,8 +111,6 @@ class MpiComm:
         self._windows.append(win)                # the memory lives as long as the window
         buffer, _ = win.Shared_query(0)
         array = np.ndarray(buffer=buffer, dtype=dtype, shape=tuple(shape))
-        if self.node_rank == 0:
-            array.fill(0)
         self.node.Barrier()
         return array
 
