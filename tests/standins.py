@@ -34,10 +34,10 @@ shift   # the image
 exec "$@"
 '''
 
-# mpiexec -n N CMD... / mpirun [--oversubscribe] -n N CMD...: record, run CMD once.
+# mpiexec -n N CMD... / mpirun [--oversubscribe] [--bind-to X] -n N CMD...: record, run CMD once.
 LAUNCHER = RECORD + r'''while [ $# -gt 0 ]; do
     case "$1" in
-        -n) shift 2 ;;
+        -n|--bind-to) shift 2 ;;
         --*) shift ;;
         *) break ;;
     esac

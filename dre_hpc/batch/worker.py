@@ -30,7 +30,7 @@ from ..errors import DreError
 from . import environment
 from .config import load_config
 from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
-from .comm import MpiMismatchError, SerialComm, open_comm
+from .comm import SerialComm, open_comm
 from .fit_job import remove_chunk_outputs, run_fit
 from .prep_job import run_prep
 from .rundir import RunDir, Tile, utc_now
@@ -136,16 +136,14 @@ def run_stage(stage: str, rundir, tile=None, chunk=None, ranks=None) -> int:
     item, k = resolve_item(stage, rundir, tile, chunk)
     label = f"{stage} {item.name}{'' if k is None else f' chunk {k}'}"
     comm, attempt = SerialComm(), next_attempt(rundir, stage, item.name, k)
-    try:
-        if stage == "fit":
-            comm = open_comm(ranks)
-    except MpiMismatchError as exc:
-        return _record_failure(rundir, stage, item, k, label, exc, attempt, comm)
-    attempt = comm.bcast(attempt)
-    if comm.rank == 0:
-        rundir.write_marker(stage, item.name, k, "started", {**job_fields(), "attempt": attempt})
+    # a fit records SIGTERM/SIGUSR1 from here on (before its started marker), a prep dies of them
     with StopSignals() if stage == "fit" else contextlib.nullcontext() as stop:
         try:
+            if stage == "fit":
+                comm = open_comm(ranks)
+            attempt = comm.bcast(attempt)
+            if comm.rank == 0:
+                rundir.write_marker(stage, item.name, k, "started", {**job_fields(), "attempt": attempt})
             content = WORK[stage](rundir, item, k, comm, stop)
         except Exception as exc:      # everything is recorded; BaseException is left to `finish`
             return _record_failure(rundir, stage, item, k, label, exc, attempt, comm)

@@ -1,6 +1,7 @@
 #!/bin/bash
 # local job: `dre-batch run` starts it with the run directory as working directory and
-# DRE_ARRAY_INDEX, DRE_TILE (fit) and DRE_JOB_ID in the environment.
+# DRE_ARRAY_INDEX, DRE_TILE (fit) and DRE_JOB_ID in the environment. MPI ranks are not bound to
+# cores here (a rank uses resources.fit.cpus_per_task BLAS threads).
 # dre-batch fit job of run local_demo, local scheduler.
 # Rendered by dre_hpc.batch.render from templates/local.sh.j2: change the run
 # config and run dre-batch setup again rather than editing this file.
