@@ -93,6 +93,23 @@ def assert_same_catalogue(path_a, path_b):
         assert np.array_equal(x, y, equal_nan=equal_nan), f"column {name} differs"
 
 
+def chunk_process(tile_index: int, chunk: int, argv_matches):
+    """PID of a running process of one chunk (from /proc): its environment holds the chunk's
+    ``DRE_TILE`` and ``DRE_ARRAY_INDEX`` and ``argv_matches(argv)`` (a list of bytes) is true."""
+    wanted = (f"DRE_TILE={tile_index}".encode(), f"DRE_ARRAY_INDEX={chunk}".encode())
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if all(w in env for w in wanted) and argv_matches(argv):
+            return int(entry.name)
+    return None
+
+
 def flat_path(run_dir) -> Path:
     """The flat catalogue that collate writes: ``collated/<run>_dre.fits``."""
     name = json.loads((Path(run_dir) / "manifest.json").read_text())["run"]

@@ -27,3 +27,15 @@ def psfex_hdu(components, accepted=10, samp=1.0):
 def write_psfex(path, hdus):
     fits.HDUList([fits.PrimaryHDU()] + list(hdus)).writeto(path, overwrite=True)
     return path
+
+
+def gpu_or_skip():
+    """CuPy with a usable device, or skip the test (reported as skipped, never as passed)."""
+    import pytest
+
+    from dre_hpc.errors import BackendError
+    from dre_hpc.fit.backend import get_backend
+    try:
+        return get_backend("gpu")
+    except BackendError as exc:
+        pytest.skip(f"no GPU here: {exc}")

@@ -19,26 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
-                           sim_tiles, write_config)
+from batch_helpers import (assert_same_catalogue, chunk_process, dre_batch, flat_path,  # noqa: F401
+                           local_reference, sim_tiles, write_config)
 
 pytestmark = pytest.mark.slow
 
 
 def _worker_pid(tile_index: int, chunk: int):
-    """PID of the running ``dre_hpc.batch.worker fit`` process of one chunk (from /proc), or None."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"dre_hpc.batch.worker" in argv and b"fit" in argv and \
-                f"DRE_TILE={tile_index}".encode() in env and f"DRE_ARRAY_INDEX={chunk}".encode() in env:
-            return int(entry.name)
-    return None
+    """PID of the running ``dre_hpc.batch.worker fit`` process of one chunk, or None."""
+    return chunk_process(tile_index, chunk, lambda argv: b"dre_hpc.batch.worker" in argv and b"fit" in argv)
 
 
 def _kill_mid_chunk(run_dir: Path, tile: str, tile_index: int, chunk: int, timeout=120.0):

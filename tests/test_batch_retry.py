@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from batch_fixtures import done_chunk, done_prep, make_run, submit
-from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
-                           sim_tiles, write_config)
+from batch_helpers import (assert_same_catalogue, chunk_process, dre_batch, flat_path,  # noqa: F401
+                           local_reference, sim_tiles, write_config)
 from dre_hpc.batch import retry
 from dre_hpc.batch import status as st
 from dre_hpc.batch.worker import finish
@@ -292,19 +292,8 @@ def test_status_follows_a_manual_resubmission(slurm_run):
 
 # -- real local runs ---------------------------------------------------------------------------------
 def _script_pid(tile_index: int, chunk: int):
-    """PID of the job script (``bash scripts/fit.sh``) running one chunk, from /proc, or None."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv[:2] == [b"bash", b"scripts/fit.sh"] and f"DRE_TILE={tile_index}".encode() in env \
-                and f"DRE_ARRAY_INDEX={chunk}".encode() in env:
-            return int(entry.name)
-    return None
+    """PID of the job script (``bash scripts/fit.sh``) running one chunk, or None."""
+    return chunk_process(tile_index, chunk, lambda argv: argv[:2] == [b"bash", b"scripts/fit.sh"])
 
 
 def _interrupt(run_dir: Path, tile: str, tile_index: int, chunk: int, timeout=120.0) -> None:

@@ -8,23 +8,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import gpu_or_skip
 
 from dre_hpc.errors import BackendError
 from dre_hpc.fit.backend import get_backend
 from dre_hpc.fit.engine import FitOptions, ModelMatrix, fit_cutouts
 
 
-def _gpu_or_skip():
-    try:
-        return get_backend("gpu")
-    except BackendError as exc:
-        pytest.skip(f"no GPU here: {exc}")
-
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("statistic", ["wls", "dre"])
 def test_gpu_matches_cpu(default_models, sim_galaxies, statistic):
-    cupy = _gpu_or_skip()
+    cupy = gpu_or_skip()
     cuts, _, psf = sim_galaxies
     sub = cuts.subset(slice(0, 32))
     cpu_mm = default_models.for_psf(psf)

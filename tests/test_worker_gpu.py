@@ -31,6 +31,7 @@ import types
 import h5py
 import numpy as np
 import pytest
+from helpers import gpu_or_skip
 from astropy.table import Table
 from batch_helpers import make_run
 
@@ -264,19 +265,13 @@ def test_device_room_is_shared_by_the_ranks_on_one_gpu():
 
 # -- a real GPU --------------------------------------------------------------------------------------------
 
-def _gpu_or_skip():
-    try:
-        return get_backend("gpu")
-    except BackendError as exc:
-        pytest.skip(f"no GPU here: {exc}")
-
 
 @pytest.mark.gpu
 @needs_tools
 def test_real_gpu_matches_cpu(prepared, cpu_result, fresh_models):
     """`run_fit` with ``fit.backend=gpu`` on CuPy: the best model of >= 95 % of the objects as on
     the CPU, their fluxes within 1e-4 (float32 sums in another order, cuBLAS)."""
-    cupy = _gpu_or_skip()
+    cupy = gpu_or_skip()
     done, table, _ = _fit(prepared, ["fit.backend=gpu"])
     (models,) = fit_job._MODELS.values()
     assert models.xp is cupy and isinstance(models.matrix.models, cupy.ndarray)
