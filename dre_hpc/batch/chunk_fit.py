@@ -104,8 +104,8 @@ class NodeModels:
         shape = (representatives.size,) + cube_shape(grid)
         alloc = comm.shared_array if self.shared else np.empty
         self.unique, self.convolved = alloc(shape, np.float32), alloc(shape, np.float32)
-        if cube is not None:
-            self.unique[:] = cube.reshape((grid.size,) + shape[1:])[representatives]
+        if cube is not None:            # straight into place: no temporary copy of the stamps
+            np.take(cube.reshape((grid.size,) + shape[1:]), representatives, axis=0, out=self.unique)
         del cube
         comm.barrier()
         self.xp = get_backend(backend, device=comm.local_rank)
