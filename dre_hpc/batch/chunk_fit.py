@@ -16,8 +16,8 @@ use, rather than split in passes whose size, and so whose numbers, would depend 
 
 Each rank writes its finished units to the chunk's checkpoint (`checkpoint.Checkpoint`) when the
 `CheckpointPolicy` says so. A stop signal (SIGTERM/SIGUSR1, `StopSignals`) on any rank sets the
-job-wide stop flag; every rank then finishes its current unit, checkpoints what it holds and
-raises `ChunkInterrupted` (retryable).
+job-wide stop flag; every rank then finishes its current unit and checkpoints what it holds,
+and `fit_job.run_fit` raises `ChunkInterrupted` (retryable) on every rank.
 """
 
 from __future__ import annotations
