@@ -15,13 +15,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import yaml
-from astropy.table import Table, vstack
+from astropy.table import Table
 
 from .cli import dre_batch, dre_sim
 from .models.grid import ModelGrid
-from .sim.match import match_positions, recovered
+from .report.validation import validate, write_json
 from .sim.tile import TileSpec, read_truth
 
 RUN = "demo"
@@ -73,33 +72,6 @@ def match_tiles(catalogue: Table, truth_dir: Path) -> tuple:
     return fitted, truths
 
 
-def headline(summaries: list, truths: list) -> dict:
-    """Detection of the truth galaxies, and recovery of their shapes and fluxes (tiles pooled)."""
-    galaxies, fitted, t = [], [], []
-    for summary, truth in zip(summaries, truths):
-        tile_galaxies = truth[truth["KIND"] == "galaxy"]
-        match = match_positions(summary["X_IMAGE"], summary["Y_IMAGE"], tile_galaxies["X"],
-                                tile_galaxies["Y"], 2.0)
-        galaxies.append(tile_galaxies)
-        fitted.append(summary[match >= 0])
-        t.append(tile_galaxies[match[match >= 0]])
-    galaxies, fitted, t = (vstack(x, metadata_conflicts="silent") for x in (galaxies, fitted, t))
-    clean = np.asarray(fitted["FLAGS"]) == 0
-    f, t = fitted[clean], t[clean]
-    ok = recovered(f, t, ModelGrid.default())                 # the default cube's grid steps
-    return {
-        "truth galaxies": len(galaxies),
-        "fitted and matched to a galaxy": len(fitted),
-        "of those without flags": int(clean.sum()),
-        "b/a within 0.1": float(np.mean(ok["b/a"])),
-        "angle within 15 deg (b/a <= 0.8)": float(np.mean(ok["angle"])),
-        "log r within 0.12": float(np.mean(ok["log r"])),
-        "flux within 5 %": float(np.mean(ok["flux"])),
-        "flux within 10 %": float(np.mean(np.abs(f["FLUX"] / t["FLUX"] - 1) <= 0.10)),
-        "median chi2/dof": float(np.median(f["CHI2"] / f["DOF"])),
-    }
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dre-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="demo", help="working directory (default: demo)")
@@ -116,9 +88,14 @@ def main(argv=None) -> int:
         return code
     flat = work / "run" / "output" / f"{RUN}_dre.fits"
     fitted, truths = match_tiles(Table.read(flat), work / "Truth")
+    result = validate(list(zip(fitted, truths)), ModelGrid.default())   # the default cube's grid
+    report = write_json(flat.parent / "validation.json", result)
     print(f"dre-demo: flat catalogue {flat} ({time.perf_counter() - start:.0f} s in all); "
-          f"recovery of the simulated truth:")
-    for key, value in headline(fitted, truths).items():
+          f"recovery of the simulated truth (all numbers: {report}):")
+    counts = {"truth galaxies": result["truth_galaxies"],
+              "fitted and matched to a galaxy": result["matched"],
+              "of those without flags": result["matched_unflagged"]}
+    for key, value in {**counts, **result["headline"]}.items():
         print(f"  {key:34s} {value:.3f}" if isinstance(value, float) else f"  {key:34s} {value}")
     return 0
 

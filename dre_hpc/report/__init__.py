@@ -1,0 +1,1 @@
+"""Run reports: validation against simulated truth (figures and HTML to come)."""
