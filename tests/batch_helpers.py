@@ -110,6 +110,24 @@ def chunk_process(tile_index: int, chunk: int, argv_matches):
     return None
 
 
+def signal_when_started(run_dir, tile: str, tile_index: int, chunk: int, sig, argv_matches,
+                        timeout=120.0) -> None:
+    """Once chunk `chunk` of `tile` has written its started marker, send `sig` to its process
+    that `argv_matches` (see `chunk_process`); AssertionError if it never starts."""
+    import os
+    import time
+    marker = Path(run_dir) / "markers" / "fit" / tile / f"{chunk:05d}.started"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.exists():
+            pid = chunk_process(tile_index, chunk, argv_matches)
+            if pid:
+                os.kill(pid, sig)
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"chunk {chunk} of {tile} never started")
+
+
 def flat_path(run_dir) -> Path:
     """The flat catalogue that collate writes: ``collated/<run>_dre.fits``."""
     name = json.loads((Path(run_dir) / "manifest.json").read_text())["run"]

@@ -14,34 +14,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from batch_helpers import (assert_same_catalogue, chunk_process, dre_batch, flat_path,  # noqa: F401
-                           local_reference, sim_tiles, write_config)
+from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
+                           signal_when_started, sim_tiles, write_config)
 
 pytestmark = pytest.mark.slow
 
 
-def _worker_pid(tile_index: int, chunk: int):
-    """PID of the running ``dre_hpc.batch.worker fit`` process of one chunk, or None."""
-    return chunk_process(tile_index, chunk, lambda argv: b"dre_hpc.batch.worker" in argv and b"fit" in argv)
-
-
 def _kill_mid_chunk(run_dir: Path, tile: str, tile_index: int, chunk: int, timeout=120.0):
-    """Wait until the chunk's fit has written its started marker, then SIGKILL its process."""
-    marker = run_dir / "markers" / "fit" / tile / f"{chunk:05d}.started"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker.exists():
-            pid = _worker_pid(tile_index, chunk)
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                return
-        time.sleep(0.005)
-    raise AssertionError(f"chunk {chunk} of {tile} never started")
+    """Wait until the chunk's fit has written its started marker, then SIGKILL its worker."""
+    signal_when_started(run_dir, tile, tile_index, chunk, signal.SIGKILL,
+                        lambda argv: b"dre_hpc.batch.worker" in argv and b"fit" in argv, timeout)
 
 
 def test_sigkill_mid_chunk_then_failed_only_gives_the_same_catalogue(tmp_path, sim_tiles, local_reference):

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from batch_fixtures import done_chunk, done_prep, make_run, submit
-from batch_helpers import (assert_same_catalogue, chunk_process, dre_batch, flat_path,  # noqa: F401
-                           local_reference, sim_tiles, write_config)
+from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
+                           signal_when_started, sim_tiles, write_config)
 from dre_hpc.batch import retry
 from dre_hpc.batch import status as st
 from dre_hpc.batch.worker import finish
@@ -291,24 +291,11 @@ def test_status_follows_a_manual_resubmission(slurm_run):
 
 
 # -- real local runs ---------------------------------------------------------------------------------
-def _script_pid(tile_index: int, chunk: int):
-    """PID of the job script (``bash scripts/fit.sh``) running one chunk, or None."""
-    return chunk_process(tile_index, chunk, lambda argv: argv[:2] == [b"bash", b"scripts/fit.sh"])
-
-
 def _interrupt(run_dir: Path, tile: str, tile_index: int, chunk: int, timeout=120.0) -> None:
     """Once the chunk's fit has written its started marker, SIGUSR1 to its job script (which
     forwards it to the worker: what SLURM's --signal=B:USR1 does at the walltime warning)."""
-    marker = run_dir / "markers" / "fit" / tile / f"{chunk:05d}.started"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker.exists():
-            pid = _script_pid(tile_index, chunk)
-            if pid:
-                os.kill(pid, signal.SIGUSR1)
-                return
-        time.sleep(0.005)
-    raise AssertionError(f"chunk {chunk} of {tile} never started")
+    signal_when_started(run_dir, tile, tile_index, chunk, signal.SIGUSR1,
+                        lambda argv: argv[:2] == [b"bash", b"scripts/fit.sh"], timeout)
 
 
 def _run_interrupted(tmp_path, tiles, *setup_args):

@@ -212,10 +212,11 @@ def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, c
     """Fit `units` (those not in the checkpoint) with every rank. Returns this rank's
     ``({uid: results}, stats, stopped)``; `stopped` (the same on every rank) when a stop signal
     ended the fit early, after every rank checkpointed its unsaved units."""
-    counter = comm.counter(max(len(phases(units)), 1))
+    groups = phases(units)
+    counter = comm.counter(max(len(groups), 1))
     mine, pending, stats = {}, {}, {"units": 0, "objects": 0, "fit_seconds": 0.0, "checkpoints": 0}
     stopping = False
-    for slot, (ext, group) in enumerate(phases(units)):
+    for slot, (ext, group) in enumerate(groups):
         mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
         check_device_room(device_batch_limit(mm.xp, mm.models.shape[1], mm.models.shape[0],
                                              sharing=ranks_per_device(mm.xp, comm.node_size)),

@@ -27,7 +27,7 @@ import warnings
 
 from ..cli.common import run_main
 from ..errors import DreError
-from . import environment
+from . import environment, retry
 from .config import load_config
 from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
 from .comm import SerialComm, open_comm
@@ -119,9 +119,7 @@ WORK = {"prep": prep_work, "fit": fit_work}
 def next_attempt(rundir: RunDir, stage: str, tile: str, k) -> int:
     """1, or one more than the attempt of an earlier run of the item that did not succeed."""
     kind, content = rundir.read_marker(stage, tile, k)
-    if kind in ("failed", "started"):
-        return int((content or {}).get("attempt") or 1) + 1
-    return 1
+    return retry.attempt_of(content) + 1 if kind in ("failed", "started") else 1
 
 
 def run_stage(stage: str, rundir, tile=None, chunk=None, ranks=None) -> int:
@@ -213,7 +211,6 @@ def finish(stage: str, rundir, exit_code: int, tile=None, chunk=None) -> int:
     this job (a marker of an earlier job of the item does not count), then, on SLURM and PBS,
     resubmit the item when its failure is retryable and ``scheduler.retries`` allows
     (`retry.resubmit`). Never fails itself: returns 0 (problems are printed)."""
-    from . import retry
     try:
         rundir = RunDir(rundir)
         item, k = resolve_item(stage, rundir, tile, chunk)
