@@ -180,7 +180,9 @@ def test_run_records_real_job_ids_with_per_tile_afterok(reference, slurm_cluster
     # the printed commands are the recorded ones
     assert [" ".join(r["command"]) for r in jobs] == [
         line for line in reference["run"].stdout.splitlines() if line.startswith("sbatch ")]
-    states = slurm_cluster.states([r["job_id"] for r in jobs])
+    # the done markers come before each job script's own end (its finish step), so the jobs may
+    # still be RUNNING for a moment when `status --wait` returns: wait for them to leave the queue
+    states = slurm_cluster.wait_for([r["job_id"] for r in jobs], timeout=60)
     assert states == {f"{r['job_id']}_{k}": "COMPLETED" for r in jobs for k in (0, 1)}
 
 
@@ -364,7 +366,7 @@ def test_failed_prep_cancels_its_fits_and_collate_lists_them(reference, tiles, b
         assert chunk["state"] == "blocked" and chunk["reason"] == f"prep of tile tile_bad failed: {prep_reason}"
     assert "fit tile_bad chunk 0 [blocked]: prep of tile tile_bad failed" in shown
     assert not (run_dir / "markers" / "fit" / "tile_bad").exists()          # the fits never started
-    assert set(slurm_cluster.states(fit_bad).values()) == {"CANCELLED"}
+    assert set(slurm_cluster.wait_for(fit_bad, timeout=60).values()) == {"CANCELLED"}
     good = next(t for t in status["tiles"] if t["name"] == "tile_a")
     assert good["prep"]["state"] == "done" and {c["state"] for c in good["chunks"]} == {"done"}
 
