@@ -1,6 +1,6 @@
 """``dre-batch``: chunked runs of the tile workflow on SLURM, PBS or this machine.
 
-Subcommands: setup, run, status, collate, link, archive, clean. Each parses its arguments and
+Subcommands: setup, run, status, collate, link, report, archive, clean. Each parses its arguments and
 calls one driver function of `dre_hpc.batch`; errors become one line and an exit code in
 `common.run_main`.
 """
@@ -74,6 +74,18 @@ def _link(args, argv):
     return 0
 
 
+def _report(args, argv):
+    from ..report.build import build_report, text_summary
+    if args.gallery < 0:
+        from ..errors import InputError
+        raise InputError(f"--gallery must be >= 0, got {args.gallery}")
+    report = build_report(args.run_dir, truth_dir=args.truth_dir, gallery=args.gallery, write=not args.text)
+    print(text_summary(report))
+    if report.page:
+        print(f"report: {report.page}")
+    return 0
+
+
 def _archive(args, argv):
     from ..batch.archive import archive
     from ..batch.rundir import RunDir
@@ -125,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         a = sub.add_parser(name, help=text)
         a.add_argument("run_dir")
         a.set_defaults(func=func)
+    rp = sub.add_parser("report", help="figures, validation and an HTML page in DIR/output/report/")
+    rp.add_argument("run_dir")
+    rp.add_argument("--text", action="store_true", help="print the headline numbers only; write nothing")
+    rp.add_argument("--truth-dir", help="where <tile>_truth.fits are (default: next to the tile images)")
+    rp.add_argument("--gallery", type=int, default=12, metavar="N",
+                    help="mosaics of N random and N worst fits (default 12; 0: none)")
+    rp.set_defaults(func=_report)
     cl = sub.add_parser("clean", help="remove intermediates of a collated run")
     cl.add_argument("run_dir")
     cl.add_argument("what", nargs="?", default="tiles", choices=("tiles", "chunks", "all"),
