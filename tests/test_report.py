@@ -135,7 +135,7 @@ def test_validation_agrees_with_a_direct_computation(reported, sim_tiles):  # no
         assert stats["scatter"] == pytest.approx(1.4826 * np.median(np.abs(diff - np.median(diff))), abs=1e-12)
     b_a = np.mean([abs(f["AX_RATIO"] - t["AX_RATIO"]) <= 0.1 + 1e-9 for f, t in zip(fitted, truth)])
     assert validation["headline"]["b/a within 0.1"] == pytest.approx(b_a)
-    assert f"truth: b/a within 0.1  " in result.stdout                # the text table shows it too
+    assert "truth: b/a within 0.1  " in result.stdout                # the text table shows it too
     assert "Validation against simulated truth" in (folder / "index.html").read_text()
 
 
