@@ -62,7 +62,8 @@ class RunData:
     def fitted(self) -> np.ndarray:
         """Objects with a best model (``MODEL_IDX`` set, finite chi-square)."""
         c = self.catalogue
-        return (np.asarray(c["MODEL_IDX"])[:, 0] >= 0) & np.isfinite(np.asarray(c["CHI2"], float))
+        first = np.asarray(c["MODEL_IDX"]).reshape(len(c), -1)[:, 0] if len(c) else np.zeros(0)
+        return (first >= 0) & np.isfinite(np.asarray(c["CHI2"], float))
 
 
 def _flat_catalogue(rundir: RunDir, run: str):
@@ -158,7 +159,8 @@ def load_run(run_dir) -> RunData:
         expected[tile] = int(prep["n_objects"]) if prep and "n_objects" in prep else None
     data = RunData(rundir.root, run, catalogue, grid, tiles, expected, missing, _chunk_times(markers, record))
     if not data.chunk_times and record.get("tiles"):
-        data.notes.append("run times per chunk: no done marker could be read (markers/ removed?)")
+        data.notes.append("run times per chunk: no done marker of the collated chunks could be read "
+                          "(markers removed, or chunks redone since the collate?)")
     return data
 
 
