@@ -99,6 +99,8 @@ def test_summary_numbers_match_the_flat_catalogue(reported):
         mine = np.asarray(flat["TILE"]).astype(str) == tile
         assert per_tile[tile]["rows"] == int(mine.sum()) == per_tile[tile]["objects"]
         assert per_tile[tile]["missing_chunks"] == 0
+        assert per_tile[tile]["flags"] == {f.name: int(np.sum((flags[mine] & int(f)) != 0)) for f in FitFlag
+                                           if np.any(flags[mine] & int(f))}
     times = json.loads((folder / "report.json").read_text())["chunk_times"]
     assert len(times) == 4 and all(t["seconds"] > 0 for t in times)   # 2 tiles x 2 chunks
     assert sum(t["objects"] for t in times) == len(flat)

@@ -163,8 +163,11 @@ def _write_json(path: Path, content: dict) -> None:
 def _sections(data: RunData, report: Report, overview, times, checks, items) -> list:
     head = report.summary
     numbers = html.table(["", "value"], [(k, v) for k, v in _headline_rows(head, report.validation)])
-    tiles = html.table(["tile", "objects (prep)", "rows", "fitted", "clean", "flagged", "missing chunks"],
-                       [tuple(r.values()) for r in head["tiles_table"]], problem=lambda row: row[-1] > 0)
+    columns = ("tile", "objects", "rows", "fitted", "clean", "flagged", "missing_chunks")
+    tiles = html.table(["tile", "objects (prep)", "rows", "fitted", "clean", "flagged", "missing chunks",
+                        "objects by flag"],
+                       [tuple(r[c] for c in columns) + (", ".join(f"{k} {v}" for k, v in r["flags"].items()),)
+                        for r in head["tiles_table"]], problem=lambda row: row[6] > 0)
     sections = [("Summary", numbers + html.notes(report.notes)), ("Tiles", tiles)]
     if data.missing:
         sections.append(("Missing chunks", html.table(

@@ -187,7 +187,8 @@ def flag_counts(flags) -> dict:
 
 def tile_rows(data: RunData) -> list:
     """Per tile: objects found by the prep, rows in the catalogue, fitted, clean (no flag), flagged,
-    chunks missing (left out by ``collate --allow-missing``)."""
+    chunks missing (left out by ``collate --allow-missing``) and the objects with each flag that is
+    set anywhere in the tile."""
     tiles = np.asarray(data.catalogue["TILE"]).astype(str)
     flags = np.asarray(data.catalogue["FLAGS"], np.int64)
     fitted = data.fitted
@@ -199,7 +200,8 @@ def tile_rows(data: RunData) -> list:
         mine = tiles == tile
         rows.append({"tile": tile, "objects": data.expected.get(tile), "rows": int(mine.sum()),
                      "fitted": int((mine & fitted).sum()), "clean": int((mine & (flags == 0)).sum()),
-                     "flagged": int((mine & (flags != 0)).sum()), "missing_chunks": missing.get(tile, 0)})
+                     "flagged": int((mine & (flags != 0)).sum()), "missing_chunks": missing.get(tile, 0),
+                     "flags": {k: v for k, v in flag_counts(flags[mine]).items() if v}})
     return rows
 
 
