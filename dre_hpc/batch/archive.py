@@ -94,7 +94,7 @@ def link(rundir) -> list:
         record = read_record(rundir)
     except DreError as exc:
         raise ArchiveError(str(exc)) from None
-    out = rundir.output_dir
+    out = rundir.check_inside(rundir.output_dir)      # a link there would put the links elsewhere
     out.mkdir(exist_ok=True)
     made = []
     for target in _final_files(rundir, record):
@@ -173,6 +173,7 @@ def _pack(rundir: RunDir, path: Path) -> tuple:
     """Write the archive at a temporary name, verify it, rename it; (members, skipped)."""
     skipped, expected = [], {}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)                   # a link planted at the temporary name goes first
     try:
         with tarfile.open(tmp, "w:gz", format=tarfile.PAX_FORMAT) as tar:
             for source, arcname in _entries(rundir.root, skipped):
@@ -211,7 +212,7 @@ def archive(rundir) -> ArchiveReport:
     """Pack the bookkeeping of a run with a verified collate, then remove the intermediates."""
     rundir = _rundir(rundir)
     run = rundir.read_manifest().get("run", rundir.root.name)
-    path = archive_path(rundir, run)
+    path = rundir.check_inside(archive_path(rundir, run))
     if rundir.collated(ARCHIVE_RECORD).is_file() and path.is_file():
         raise ArchiveError(f"{path}: the run is already archived (see {rundir.collated(ARCHIVE_RECORD)})")
     verified_record(rundir)

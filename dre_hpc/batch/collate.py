@@ -215,6 +215,7 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
     begin = time.perf_counter()
     rundir = (rundir if isinstance(rundir, RunDir) else RunDir(rundir)).require()
     config = load_config(rundir.config)
+    rundir.check_inside(rundir.collated(RECORD))            # no link sends the collated files out
     chunks, missing = verify(rundir, allow_missing)
     rundir.collated(RECORD).unlink(missing_ok=True)        # the old record is void from here on
     when, run = utc_now(), config["run"]["name"]

@@ -170,8 +170,12 @@ def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, s
     tile-specific content of the done marker (``tile, chunk, n_chunks, start, stop, rows, outputs,
     seconds, config_hash`` and how the work went: ``ranks, resumed_objects, fitted_objects,
     checkpoints, per_rank``); None on the other ranks. On any exception no output file remains.
+    A symbolic link at ``tiles/<tile>`` or ``chunks/<tile>`` (or above) is refused (RunDirError)
+    before anything is read or written.
     """
     comm, stop = comm or SerialComm(), stop or _NoStop()
+    for folder in (rundir.tile_dir(tile.name), rundir.chunk_dir(tile.name)):
+        rundir.check_inside(folder)              # no link planted there sends outputs elsewhere
     # BLAS results depend on its thread count: pin it, so they do not depend on the launcher
     with threadpool_limits(limits=config["resources"]["fit"]["cpus_per_task"], user_api="blas"):
         return _run_fit(rundir, config, tile, k, prep, comm, stop)

@@ -2,21 +2,26 @@
 
 The same library functions as ``sex_dre``, ``psfex_dre`` and ``make_cuts``, with their options
 built from the run config (``prep.*``) instead of command-line arguments. Products (file names
-after the image's stem, like the original layout)::
+after the tile's safe name, which is the image's stem unless that held blanks, quotes, ``;``,
+``$``, non-ASCII or other characters outside ``[A-Za-z0-9_.+-]``)::
 
-    tiles/<tile>/Sextracted/<stem>_{cat,nb,rms,seg}.fits
-    tiles/<tile>/PSF/<stem>.psf
-    tiles/<tile>/Cuts/<stem>_cuts.h5, <stem>_cuts.json
+    tiles/<tile>/Sextracted/<tile>_{cat,nb,rms,seg}.fits
+    tiles/<tile>/PSF/<tile>.psf
+    tiles/<tile>/Cuts/<tile>_cuts.h5, <tile>_cuts.json
 
-A prep run starts by removing the tile's folder (products of an earlier attempt) and removes it
-again when it fails, so that only a prep with a done marker has products; the done marker is the
-only sign of completion. `run_prep` returns the marker's tile-specific content; writing markers
+SExtractor and PSFEx split file names at blanks, commas and ``;``, so the tools never see the
+image's own name: they read ``tiles/<tile>/input/<tile><suffix>``, a symbolic link to the image
+(relative to the run directory, where jobs run), removed again when the prep ends.
+
+A prep run starts by removing the tile's folder (products of an earlier attempt; a symbolic link
+there is removed itself, never followed) and removes it again when it fails, so that only a prep
+with a done marker has products; the done marker is the only sign of completion. Nothing is
+written through a link out of the run directory (`rundir.check_inside`). `run_prep` returns the marker's tile-specific content; writing markers
 is the worker's job.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -26,13 +31,13 @@ from ..preprocess.cuts import CutsOptions
 from ..preprocess.psfex import run_psfex
 from ..preprocess.sextractor import SexOptions, run_sextractor
 from .chunking import n_chunks_for
-from .rundir import RunDir, Tile, file_sha256
+from .rundir import RunDir, Tile, file_sha256, remove_path
 
 
 def tile_products(rundir: RunDir, tile: Tile) -> dict:
     """Paths of a tile's prep products by role: ``sextracted``, ``psf_dir``, ``cuts_dir``
     (folders), ``catalog``, ``psf`` and ``cuts`` (files read by the fit jobs)."""
-    base, stem = rundir.tile_dir(tile.name), image_stem(tile.image)
+    base, stem = rundir.tile_dir(tile.name), tile.name
     return {"sextracted": base / "Sextracted", "psf_dir": base / "PSF", "cuts_dir": base / "Cuts",
             "catalog": base / "Sextracted" / f"{stem}_cat.fits", "psf": base / "PSF" / f"{stem}.psf",
             "cuts": base / "Cuts" / f"{stem}_cuts.h5"}
@@ -72,19 +77,37 @@ def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
     """
     start = time.perf_counter()
     paths = tile_products(rundir, tile)
-    shutil.rmtree(rundir.tile_dir(tile.name), ignore_errors=True)
+    folder = rundir.tile_dir(tile.name)
+    remove_path(rundir.root, folder)            # a link there goes, its target stays untouched
     try:
-        sex = run_sextractor(tile.image, paths["sextracted"], sex_options(config))
-        run_psfex(sex.catalog, paths["psf_dir"], config=config["prep"]["psfex_config"])
-        report = cut_tile(tile.image, paths["sextracted"], paths["cuts_dir"], cuts_options(config))
+        image = image_link(rundir, tile)
+        try:
+            sex = run_sextractor(image, paths["sextracted"], sex_options(config))
+            run_psfex(sex.catalog, paths["psf_dir"], config=config["prep"]["psfex_config"])
+            report = cut_tile(image, paths["sextracted"], paths["cuts_dir"], cuts_options(config))
+        finally:
+            remove_path(rundir.root, image.parent)
         outputs = product_checksums(rundir, tile)
     except BaseException:
-        shutil.rmtree(rundir.tile_dir(tile.name), ignore_errors=True)
+        remove_path(rundir.root, folder)
         raise
     n_objects = int(report["cut"])
     return {"tile": tile.name, "n_objects": n_objects,
             "n_chunks": chunk_count(config, manifest_chunks, n_objects),
             "seconds": round(time.perf_counter() - start, 3), "outputs": outputs}
+
+
+def image_link(rundir: RunDir, tile: Tile) -> Path:
+    """``tiles/<tile>/input/<tile><suffix>`` (relative to the run directory): a fresh symbolic link
+    to the tile's image, named after the safe tile name with the image's FITS suffixes."""
+    name = Path(tile.image).name
+    stem = image_stem(name)
+    suffix = name[len(stem):] if name.startswith(stem) else ""
+    link = rundir.tile_dir(tile.name) / "input" / f"{tile.name}{suffix}"
+    rundir.check_inside(link)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(Path(tile.image).absolute())
+    return link
 
 
 def product_checksums(rundir: RunDir, tile: Tile) -> dict:

@@ -16,7 +16,7 @@ payload runs the image's Python: ``run.python`` when set, else ``python`` from t
 
 Every value that reaches a script goes through the ``shquote`` filter (``shlex.quote``); only
 ``prologue``, ``epilogue`` and ``extra_directives`` are inserted verbatim. Directive values are
-validated per scheduler first (no newlines, walltime format, names), failing with a `RenderError`
+validated per scheduler first (no line breaks or other control characters, walltime format, names), failing with a `RenderError`
 that names the config key. Templates are found in the installed package (``dre_hpc/templates``,
 put there by setup.py when a wheel is built) or else in the source tree's top-level ``templates/``.
 """
@@ -36,6 +36,7 @@ STAGES = ("prep", "fit", "collate")
 CONTEXT_KEYS = ("run_name", "stage", "python", "job_name")
 SIGNAL_MAX = 65535               # seconds: the largest sig_time of sbatch --signal
 _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]\d):([0-5]\d)$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\x85\u2028\u2029]")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]*$")
 _JOB_NAME = {"slurm": re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$"),
              "pbs": re.compile(r"^[A-Za-z][A-Za-z0-9_.+-]{0,235}$"),
@@ -145,6 +146,8 @@ def environment() -> jinja2.Environment:
 def _one_line(key: str, value) -> None:
     if isinstance(value, str) and ("\n" in value or "\r" in value):
         raise RenderError(f"{key}: {value!r} contains a line break (a directive is one line)")
+    if isinstance(value, str) and _CONTROL.search(value):
+        raise RenderError(f"{key}: {value!r} contains a control character (a directive is one line of text)")
 
 
 def _check_name(key: str, value, pattern=_NAME, what="a name of letters, digits, _ . @ + -") -> None:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ STAGES = ("prep", "fit", "collate")
 OUTCOMES = ("done", "failed")                 # final outcomes; "started" is written first
 MARKER_KINDS = OUTCOMES + ("started",)
 _SAFE = re.compile(r"[^A-Za-z0-9_.+-]")
+MAX_TILE_NAME = 64
 
 
 class RunDirError(DreError):
@@ -55,10 +57,23 @@ def chunk_label(k: int) -> str:
 
 
 def safe_tile_name(stem: str) -> str:
-    """A tile name usable as one path component: characters outside ``[A-Za-z0-9_.+-]`` become
-    ``_`` and leading dots are dropped (never ``..`` or empty: ``tile`` then)."""
-    name = _SAFE.sub("_", stem).lstrip(".")
-    return name or "tile"
+    """A tile name usable as one path component and as one shell word: characters outside
+    ``[A-Za-z0-9_.+-]`` (blanks, quotes, ``$``, ``;``, newlines, non-ASCII, ``/``...) become ``_``
+    and leading dots and dashes are dropped (never ``..``, an option-like ``-x`` or empty:
+    ``tile`` then). A name longer than `MAX_TILE_NAME` characters is cut and ends in ``_`` and 8 hex
+    digits of the stem's SHA-1 (SExtractor and PSFEx overflow their buffers on long paths, and a
+    product name must stay below the file system's 255 bytes). The manifest records the name with
+    the image it came from."""
+    name = _SAFE.sub("_", str(stem)).lstrip(".-") or "tile"
+    if len(name) > MAX_TILE_NAME:
+        digest = hashlib.sha1(str(stem).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+        name = f"{name[:MAX_TILE_NAME - 9]}_{digest}"
+    return name
+
+
+def is_safe_tile_name(name) -> bool:
+    """Whether `name` is one harmless path component: what `safe_tile_name` makes of it."""
+    return isinstance(name, str) and safe_tile_name(name) == name
 
 
 def current_umask() -> int:
@@ -68,14 +83,55 @@ def current_umask() -> int:
     return mask
 
 
+def mask_world_writable() -> int:
+    """Add ``o+w`` to the process umask (dre-batch and its jobs never create world-writable files
+    or folders, whatever the user's umask); returns the umask now in force."""
+    mask = current_umask() | 0o002
+    os.umask(mask)
+    return mask
+
+
+def check_inside(root, path) -> Path:
+    """`path` if it lies lexically below `root` and none of its existing components below `root`
+    is a symbolic link; else a RunDirError. Writers call it before writing or removing anything,
+    so that no link planted in a run directory can send a job's output (or a removal) outside."""
+    root, path = Path(root), Path(path)
+    try:
+        relative = path.relative_to(root)
+    except ValueError:
+        raise RunDirError(f"{path}: not inside the run directory {root}") from None
+    if any(part in ("..", "") for part in relative.parts):
+        raise RunDirError(f"{path}: not inside the run directory {root} ('..' in the path)")
+    current = root
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise RunDirError(f"{current} is a symbolic link: dre-batch never writes or removes through "
+                              f"links in a run directory (remove the link)")
+        if not current.exists():
+            break
+    return path
+
+
+def remove_path(root, path) -> None:
+    """Remove `path` (a file, a link: the link itself, never its target; a folder: its tree, links
+    inside it removed, not followed) after `check_inside` has checked its parents."""
+    path = Path(path)
+    check_inside(root, path.parent)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def write_atomic(path: Path, text: str, mode: int = 0o666) -> None:
     """Write `text` to `path` through a temporary file in the same folder and a rename; the file
-    gets `mode` less the umask (mkstemp alone would leave it 0600)."""
+    gets `mode` less the umask and never ``o+w`` (mkstemp alone would leave it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, mode & ~current_umask())
+        os.fchmod(fd, mode & ~current_umask() & ~0o002)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.replace(tmp, path)
@@ -173,6 +229,10 @@ class RunDir:
                               f"create it with dre-batch setup)")
         return self
 
+    def check_inside(self, path) -> Path:
+        """`path`, checked by `check_inside` against this run directory (no link on the way)."""
+        return check_inside(self.root, path)
+
     # -- per tile and chunk --------------------------------------------------------------------
     def tile_dir(self, tile: str) -> Path:
         return self.root / "tiles" / tile
@@ -222,6 +282,7 @@ class RunDir:
     def write_marker(self, stage: str, tile: str, k: int | None, outcome: str, content: dict) -> Path:
         """Write the `outcome` marker atomically and remove the other kinds."""
         path = self.marker(stage, tile, k, outcome)
+        self.check_inside(path)
         write_json(path, content)
         for other in MARKER_KINDS:
             if other != outcome:
@@ -248,6 +309,10 @@ class RunDir:
         prep done markers where setup could not know them."""
         tiles = []
         for entry in self.read_manifest()["tiles"]:
+            if not is_safe_tile_name(entry.get("name")):
+                raise RunDirError(f"{self.manifest}: tile name {entry.get('name')!r} is not a safe path "
+                                  f"component (letters, digits, _ . + -, no leading dot or dash); "
+                                  f"set the run up again with dre-batch setup")
             n_chunks = entry["n_chunks"]
             if n_chunks is None:
                 outcome, content = self.read_marker("prep", entry["name"])

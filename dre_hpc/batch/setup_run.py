@@ -30,24 +30,32 @@ _PACKAGES = ("numpy", "scipy", "astropy", "h5py", "jinja2", "PyYAML", "mpi4py", 
 
 def read_tiles_file(path) -> list:
     """Absolute image paths from a text file, one a line (relative to the current directory;
-    blank lines and ``#`` comments skipped). Every image must exist, once."""
+    blank lines and ``#`` comments skipped), or, when the file holds a NUL byte, one path per
+    NUL-terminated entry taken verbatim (``find -print0``: any file name, newlines and leading or
+    trailing blanks included). Every image must exist, once. Images are only ever read."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{path}: tiles file not found (a text file with one image path a line)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: cannot read the tiles file: {exc}") from None
+    if "\0" in text:
+        listed = [(number, entry) for number, entry in enumerate(text.split("\0"), 1) if entry.strip()]
+        where = "entry"
+    else:
+        listed = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
+                  if line.strip() and not line.strip().startswith("#")]
+        where = "line"
     images, seen = [], {}
-    for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
-        image = Path(text).expanduser().absolute()
+    for number, entry in listed:
+        image = Path(entry).expanduser().absolute()
         if not image.is_file():
-            raise InputError(f"{path}, line {number}: image {text!r} not found")
+            raise InputError(f"{path}, {where} {number}: image {entry!r} not found")
         if image in seen:
-            raise InputError(f"{path}, line {number}: image {text!r} is listed twice (also line {seen[image]})")
+            raise InputError(f"{path}, {where} {number}: image {entry!r} is listed twice "
+                             f"(also {where} {seen[image]})")
         seen[image] = number
         images.append(image)
     if not images:
@@ -56,7 +64,9 @@ def read_tiles_file(path) -> list:
 
 
 def tile_entries(images, n_chunks, source="tiles file") -> list:
-    """Manifest entries: index, unique safe name, image, chunk count (None: known after prep)."""
+    """Manifest entries: index, unique safe name, image, chunk count (None: known after prep).
+    The name is `safe_tile_name` of the image's stem (``..fits``, ``a b;c``, ``$(x)`` give harmless
+    names); the entry keeps the image's own path, so the manifest records name -> image."""
     entries, names = [], {}
     for index, image in enumerate(images):
         name = safe_tile_name(tile_name(image))

@@ -33,7 +33,7 @@ from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
 from .comm import SerialComm, open_comm
 from .fit_job import remove_chunk_outputs, run_fit
 from .prep_job import run_prep
-from .rundir import RunDir, Tile, utc_now
+from .rundir import RunDir, Tile, mask_world_writable, utc_now
 
 FAILED_EXIT = 1
 
@@ -269,6 +269,7 @@ def drive(argv=None) -> int:
 
 
 def main(argv=None) -> int:
+    mask_world_writable()             # the job's files (and its tools'): never world-writable
     return run_main("dre-batch worker", drive, argv)
 
 

@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _driver(argv):
+    from ..batch.rundir import mask_world_writable
+    mask_world_writable()             # files of a run: the user's umask, and never world-writable
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     return args.func(args, argv)

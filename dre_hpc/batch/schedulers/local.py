@@ -98,6 +98,7 @@ class LocalScheduler(Scheduler):
     # -- running -----------------------------------------------------------------------------
     def _start(self, task: LocalTask):
         log = Path(task.log)
+        self.rundir.check_inside(log)           # never append to a file through a planted link
         log.parent.mkdir(parents=True, exist_ok=True)
         handle = open(log, "ab")
         env = environment.child_env({"DRE_JOB_ID": self.job_id, **task.env})
