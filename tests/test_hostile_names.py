@@ -27,14 +27,12 @@ blanks, quotes, ``$(touch ABS/PWNED)`` and backticks.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
@@ -159,10 +157,11 @@ def local_hostile(tmp_path_factory, base_tile, default_cube_file):
     run_dir = hostile_dir(root, pwned)
     run_dir.parent.mkdir(parents=True)
     before = files_below(root, exclude=run_dir)
-    steps = {"setup": dre_batch("setup", config, tiles, "--run-dir", run_dir, timeout=120)}
+    env = dict(os.environ, DRE_TEST_SECRET_TOKEN=SECRET, AWS_SECRET_ACCESS_KEY=SECRET[::-1])
+    steps = {"setup": dre_batch("setup", config, tiles, "--run-dir", run_dir, env=env, timeout=120)}
     check_step("setup", steps["setup"])
     for step in STEPS[1:]:
-        steps[step] = dre_batch(step, run_dir, timeout=300)
+        steps[step] = dre_batch(step, run_dir, env=env, timeout=300)
     return {"root": root, "dir": run_dir, "images": images, "pwned": pwned, "before": before, "steps": steps}
 
 
@@ -232,3 +231,158 @@ def test_slurm_hostile_run(tmp_path, base_tile, slurm_cluster, default_cube_file
     for step in ("collate", "link", "archive"):
         check_step(step, batch(step, run_dir))
     check_run(run_dir, images, pwned, before, tmp_path)
+
+
+@pytest.mark.slow
+def test_no_secret_of_the_environment_in_the_run(local_hostile):
+    """Setup, run, collate, archive ran with a token and an AWS key in their environment: no file
+    of the run (provenance, config, manifest, job records, markers, logs, FITS headers, HDF5,
+    archive members) holds either."""
+    secrets = (SECRET.encode(), SECRET[::-1].encode())
+    checked = 0
+    for path in local_hostile["dir"].rglob("*"):
+        if path.is_symlink() or not path.is_file():
+            continue
+        data = path.read_bytes()
+        assert not any(s in data for s in secrets), f"{path} holds a secret of the environment"
+        checked += 1
+        if path.name.endswith(".tar.gz"):
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    if member.isreg():
+                        content = tar.extractfile(member).read()
+                        assert not any(s in content for s in secrets), f"{member.name} in {path.name}"
+                        checked += 1
+    assert checked > 30
+    provenance = json.loads((local_hostile["dir"] / "provenance.json").read_text())
+    assert {"versions", "command_line", "config_hash"} <= set(provenance) and "environment" not in provenance
+
+
+# -- path escapes --------------------------------------------------------------------------------
+def _setup(tmp_path, images, run="run", lines=None):
+    from dre_hpc.batch.setup_run import setup_run
+    tiles = tmp_path / f"{run}.txt"
+    tiles.write_text("".join(f"{line}\n" for line in (lines or [str(i) for i in images])))
+    config = write_config(tmp_path / f"{run}.yaml", chunks_per_tile=1)
+    return setup_run(config, tiles, tmp_path / run, argv=["test"])
+
+
+@pytest.mark.parametrize("image_name, expected", [
+    ("...fits", "tile"), ("..fits", "tile"), (".hidden.fits", "hidden"), ("-rf.fits", "rf"),
+    ("a" * 300 + ".fits", None)])
+def test_escaping_image_names_are_mapped(tmp_path, base_tile, image_name, expected):
+    image = tmp_path / "images" / image_name[:250]
+    image.parent.mkdir()
+    os.link(base_tile, image)
+    entry = _setup(tmp_path, [image]).read_manifest()["tiles"][0]
+    assert is_safe_tile_name(entry["name"]) and entry["image"] == str(image)
+    assert entry["name"] == expected or (expected is None and len(entry["name"]) <= 64)
+
+
+def test_dotdot_absolute_and_linked_images_are_read_only_inputs(tmp_path, base_tile):
+    """A tiles-file line with ``..``, an absolute path and an image that is a link to a file
+    elsewhere: safe names, the given paths recorded, nothing written next to the images."""
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    os.link(base_tile, tmp_path / "images" / "up.fits")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.link(base_tile, elsewhere / "far.fits")
+    os.symlink(elsewhere / "far.fits", tmp_path / "images" / "linked.fits")
+    before = files_below(tmp_path)
+    lines = [str(tmp_path / "images" / "sub" / ".." / "up.fits"), str(tmp_path / "images" / "linked.fits")]
+    rundir = _setup(tmp_path, None, lines=lines)
+    names = {t["name"]: t["image"] for t in rundir.read_manifest()["tiles"]}
+    assert names == {"up": lines[0], "linked": lines[1]}
+    after = files_below(tmp_path, exclude=rundir.root) - {tmp_path / "run.txt", tmp_path / "run.yaml"}
+    assert after == before
+
+
+def test_manifest_with_escaping_tile_name_is_refused(tmp_path, base_tile):
+    rundir = _setup(tmp_path, [base_tile])
+    manifest = json.loads(rundir.manifest.read_text())
+    manifest["tiles"][0]["name"] = "../../evil"
+    rundir.manifest.write_text(json.dumps(manifest))
+    proc = dre_batch("status", rundir.root, timeout=60)
+    assert proc.returncode != 0 and "not a safe path component" in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+@needs_tools
+def test_planted_links_in_the_run_are_never_followed(tmp_path, base_tile, default_cube_file):
+    """``tiles/<tile>`` and ``chunks/<tile>`` are links to folders outside when the jobs run: the
+    prep removes its link (not the folder) and writes a real folder; the fit refuses the chunk
+    link with a clear reason; both outside folders keep exactly their sentinel."""
+    rundir = _setup(tmp_path, [base_tile])
+    outside = {kind: tmp_path / f"outside_{kind}" for kind in ("tiles", "chunks")}
+    for kind, folder in outside.items():
+        folder.mkdir()
+        (folder / "sentinel.txt").write_text(kind)
+        (rundir.root / kind).mkdir()
+        os.symlink(folder, rundir.root / kind / "base")
+    proc = dre_batch("run", rundir.root, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "symbolic link" in proc.stdout, proc.stdout
+    for kind, folder in outside.items():
+        assert [p.name for p in folder.iterdir()] == ["sentinel.txt"] and (folder / "sentinel.txt").read_text() == kind
+    assert (rundir.root / "tiles" / "base").is_dir() and not (rundir.root / "tiles" / "base").is_symlink()
+    assert rundir.read_marker("prep", "base")[0] == "done"
+    kind, content = rundir.read_marker("fit", "base", 0)
+    assert kind == "failed" and "symbolic link" in content["reason"]
+
+
+# -- directive values --------------------------------------------------------------------------------
+BAD_VALUES = ["a\nb", "a#b", "a b", "a;b", "$(touch x)", "`touch x`", "a'b", "a\x00b"]
+DIRECTIVE_KEYS = {"slurm": ("partition", "account", "walltime", "mem_gb", "gpus_per_node", "nodes",
+                            "ntasks_per_node", "cpus_per_task"),
+                  "pbs": ("queue", "account", "walltime", "mem_gb", "nodes"),
+                  "local": ("walltime", "nodes", "cpus_per_task")}
+
+
+@pytest.mark.parametrize("scheduler, key", [(s, k) for s, keys in DIRECTIVE_KEYS.items() for k in keys]
+                         + [(s, "run.name") for s in DIRECTIVE_KEYS]
+                         + [(s, "extra_directives") for s in ("slurm", "pbs")])
+def test_bad_directive_values_fail_setup_naming_the_key(tmp_path, base_tile, scheduler, key):
+    from dre_hpc.batch.setup_run import setup_run
+    from dre_hpc.errors import DreError
+    tiles = tmp_path / "tiles.txt"
+    tiles.write_text(f"{base_tile}\n")
+    for i, bad in enumerate(BAD_VALUES):
+        if key == "extra_directives" and bad[1] not in "\n\x00":
+            continue                               # verbatim by design: only line breaks and controls fail
+        config = {"run": {"name": "r"}, "scheduler": {"name": scheduler},
+                  "resources": {"fit": {}, "prep": {}}}
+        if key == "run.name":
+            config["run"]["name"] = bad
+        else:
+            config["resources"]["fit"][key] = [bad] if key == "extra_directives" else bad
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        run_dir = tmp_path / f"run{i}"
+        with pytest.raises(DreError) as info:
+            setup_run(path, tiles, run_dir, argv=["test"])
+        assert key in str(info.value), (bad, str(info.value))
+        assert not run_dir.exists()
+
+
+# -- YAML --------------------------------------------------------------------------------------------
+def test_python_tag_in_config_is_refused_and_nothing_runs(tmp_path, base_tile):
+    target = tmp_path / "PWNED"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"run:\n  name: !!python/object/apply:os.system [\"touch {target}\"]\n")
+    tiles = tmp_path / "tiles.txt"
+    tiles.write_text(f"{base_tile}\n")
+    proc = dre_batch("setup", config, tiles, "--run-dir", tmp_path / "run", timeout=60)
+    assert proc.returncode != 0 and "evil.yaml" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not target.exists() and not (tmp_path / "run").exists()
+
+
+def test_every_yaml_load_in_the_package_is_safe():
+    import re
+    package = Path(__file__).resolve().parent.parent / "dre_hpc"
+    for path in package.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"yaml\.(\w+)\(", text):
+            assert match.group(1) in ("safe_load", "safe_dump", "safe_load_all", "dump"), \
+                f"{path}: yaml.{match.group(1)}"
+        assert "Loader=yaml.Loader" not in text and "UnsafeLoader" not in text and "FullLoader" not in text, path
