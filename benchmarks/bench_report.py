@@ -54,14 +54,16 @@ def make_run(work: Path) -> Path:
 def scale_run(source: Path, target: Path, objects: int) -> int:
     """Copy `source` to `target` and repeat its flat catalogue's rows to `objects` rows; give every
     tile `CHUNKS_PER_TILE` done chunks in the collate record and markers. Returns the row count."""
-    import fitsio
+    from astropy.io import fits
     shutil.copytree(source, target, symlinks=True)
     rundir = RunDir(target)
     run = rundir.read_manifest()["run"]
     flat = rundir.collated(f"{run}_dre.fits")
-    data, header = fitsio.read(str(flat), ext=1, header=True)
-    big = np.resize(data, objects)
-    fitsio.write(str(flat), big, header=header, clobber=True)
+    with fits.open(flat) as hdul:
+        big = np.resize(np.asarray(hdul[1].data), objects)
+        header = hdul[1].header
+    flat.unlink()
+    fits.BinTableHDU(big, header=header).writeto(flat)
     record = json.loads(rundir.collated(RECORD).read_text())
     tiles = np.char.rstrip(big["TILE"].astype(str))
     for tile in record["tiles"]:

@@ -67,21 +67,21 @@ class RunData:
 
 
 def _flat_catalogue(rundir: RunDir, run: str):
+    from astropy.io import fits
     from astropy.table import Table
-    import fitsio
     path = rundir.collated(f"{run}_dre.fits")
     try:
-        with fitsio.FITS(str(path)) as fits:
-            names = fits[1].get_colnames()
+        with fits.open(path, memmap=True) as hdul:
+            if len(hdul) < 2 or not isinstance(hdul[1], fits.BinTableHDU):
+                raise ReportError(f"{path}: no table in extension 1; run dre-batch collate again")
+            names = hdul[1].columns.names
             absent = [c for c in COLUMNS if c not in names]
             if absent:
                 raise ReportError(f"{path}: the flat catalogue lacks the column(s) {', '.join(absent)}")
-            data = fits[1].read(columns=list(COLUMNS)) if fits[1].get_nrows() else None
-    except OSError as exc:
+            rows = hdul[1].data
+            table = Table({c: np.array(rows[c]) if rows is not None else np.zeros(0) for c in COLUMNS})
+    except (OSError, ValueError, TypeError) as exc:
         raise ReportError(f"{path}: cannot read the flat catalogue ({exc}); run dre-batch collate") from None
-    if data is None:
-        return Table(names=COLUMNS, dtype=[object if c == "TILE" else float for c in COLUMNS])
-    table = Table(data)
     table["TILE"] = np.char.rstrip(np.asarray(table["TILE"]).astype(str))
     return table
 
