@@ -27,53 +27,38 @@ from astropy.io import fits
 from astropy.table import Column, Table, vstack
 
 from dre_hpc.batch.rundir import file_sha256
+from dre_hpc.errors import InputError
+from dre_hpc.io.fits_check import card_int, data_bytes, header_cards, read_header
 
 COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|TCRPX|"
                         r"TCRVL|TCDLT|TRPOS)(\d+)$")
 DROPPED = ("CHECKSUM", "DATASUM")          # invalid once the data change
 BLOCK = 2880
-
-
 CARD = 80
+
+
+class PartError(InputError, ValueError):
+    """A chunk table that cannot be read by hand (a ValueError too, as callers expect)."""
 
 
 def _read_header(handle, path) -> bytes:
     """The raw header blocks at the handle's position, up to the block with the END card."""
-    blocks = []
-    while True:
-        block = handle.read(BLOCK)
-        if len(block) < BLOCK:
-            raise ValueError(f"{path}: truncated FITS header")
-        blocks.append(block)
-        if any(block[i:i + 8] == b"END     " for i in range(0, BLOCK, CARD)):
-            return b"".join(blocks)
+    return read_header(handle, str(path), PartError)
 
 
 def _cards(raw: bytes) -> dict:
     """``{keyword: 80-character card}`` of a raw header (the first card of a keyword wins)."""
-    cards = {}
-    for i in range(0, len(raw), CARD):
-        cards.setdefault(raw[i:i + 8].decode("ascii", "replace").strip(), raw[i:i + CARD])
-    return cards
+    return header_cards(raw)
 
 
-def _int(cards: dict, key: str, default=None) -> int:
-    if key not in cards:
-        if default is None:
-            raise ValueError(f"header keyword {key} missing")
-        return default
-    return int(cards[key][10:].split(b"/")[0].strip())
+def _int(cards: dict, key: str, default=None, where: str = "FITS header") -> int:
+    """A non-negative integer keyword; a `PartError` naming `where` and the keyword otherwise."""
+    return card_int(cards, key, where, PartError, default)
 
 
-def _data_bytes(cards: dict) -> int:
-    """Size of an HDU's data (without padding) from its header cards."""
-    naxis = _int(cards, "NAXIS")
-    if naxis == 0:
-        return 0
-    size = 1
-    for n in range(1, naxis + 1):
-        size *= _int(cards, f"NAXIS{n}")
-    return abs(_int(cards, "BITPIX")) // 8 * _int(cards, "GCOUNT", 1) * (_int(cards, "PCOUNT", 0) + size)
+def _data_bytes(cards: dict, where: str = "FITS header") -> int:
+    """Size of an HDU's data (without padding) from its header cards, each keyword checked."""
+    return data_bytes(cards, where, PartError)
 
 
 @dataclass
@@ -97,23 +82,40 @@ class TablePart:
 
 
 def read_part(path) -> TablePart:
-    """The first extension of `path`, read by hand (only the headers: fast), or a ValueError when
-    it is not a binary table without a heap."""
-    with open(path, "rb") as handle:
+    """The first extension of `path`, read by hand (only the headers: fast), or a `PartError`
+    (a ValueError) when it is not a binary table without a heap, or its header is damaged or
+    claims more data than the file holds."""
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise PartError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+    with handle:
+        size = os.fstat(handle.fileno()).st_size
         first = handle.read(CARD)
         if not first.startswith(b"SIMPLE  =") or first[10:30].strip() != b"T":
-            raise ValueError(f"{path}: not a FITS file")
+            raise PartError(f"{path}: not a FITS file")
         handle.seek(0)
         primary = _cards(_read_header(handle, path))
-        handle.seek(handle.tell() + -(-_data_bytes(primary) // BLOCK) * BLOCK)
+        skip = -(-_data_bytes(primary, f"{path}, primary HDU") // BLOCK) * BLOCK
+        if handle.tell() + skip >= size:
+            raise PartError(f"{path}: no extension after the primary HDU (the primary header "
+                            f"claims {skip} bytes of data, the file has {size - handle.tell()} more)")
+        handle.seek(handle.tell() + skip)
         raw = _read_header(handle, path)
         offset = handle.tell()
     cards = _cards(raw)
+    where = f"{path}, extension 1"
     if cards.get("XTENSION", b"")[10:30].strip() != b"'BINTABLE'":
-        raise ValueError(f"{path}: extension 1 is not a binary table")
-    if _int(cards, "PCOUNT", 0) != 0 or _int(cards, "GCOUNT", 1) != 1:
-        raise ValueError(f"{path}: binary table with a heap (variable-length columns)")
-    return TablePart(str(path), raw, offset, _int(cards, "NAXIS2"), _int(cards, "NAXIS1"))
+        raise PartError(f"{path}: extension 1 is not a binary table")
+    if _int(cards, "PCOUNT", 0, where) != 0 or _int(cards, "GCOUNT", 1, where) != 1:
+        raise PartError(f"{path}: binary table with a heap (variable-length columns)")
+    nbytes = _data_bytes(cards, where)
+    if offset + nbytes > size:
+        raise PartError(f"{path}: extension 1 claims {nbytes} bytes of table data "
+                        f"(NAXIS1 x NAXIS2) but the file has {size - offset} after its header "
+                        f"(truncated, or absurd sizes in the header)")
+    return TablePart(str(path), raw, offset, _int(cards, "NAXIS2", where=where),
+                     _int(cards, "NAXIS1", where=where))
 
 
 def layout(part: TablePart) -> tuple:
@@ -247,6 +249,10 @@ class DuplicateObject(ValueError):
     """Two chi files to merge hold a dataset of the same name."""
 
 
+class ChiFileError(InputError):
+    """A chi file to merge is not readable HDF5 or holds a damaged object."""
+
+
 def write_chi(path, sources) -> None:
     """Copy every dataset of the HDF5 files `sources` (in order) into `path` (atomically), with
     the attributes of the first; a DuplicateObject error names a repeated dataset."""
@@ -254,7 +260,11 @@ def write_chi(path, sources) -> None:
         seen = set()
         with h5py.File(tmp, "w") as out:
             for position, source in enumerate(sources):
-                with h5py.File(source, "r") as src:
+                try:
+                    src = h5py.File(source, "r")
+                except OSError as exc:
+                    raise ChiFileError(f"chi file {source}: cannot be read as HDF5 ({exc})") from None
+                with src:
                     if position == 0:
                         out.attrs.update(dict(src.attrs))
                     for name in src:
@@ -262,7 +272,11 @@ def write_chi(path, sources) -> None:
                             raise DuplicateObject(f"{source}: object {name} is also in an earlier file")
                         seen.add(name)
                         key = name.encode("utf-8")
-                        h5py.h5o.copy(src.id, key, out.id, key)
+                        try:
+                            h5py.h5o.copy(src.id, key, out.id, key)
+                        except (OSError, KeyError, RuntimeError) as exc:
+                            raise ChiFileError(f"chi file {source}: object {name} cannot be copied "
+                                               f"(damaged file?): {exc}") from None
     replace_write(path, write)
 
 

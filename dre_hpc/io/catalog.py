@@ -9,6 +9,7 @@ from astropy.io import fits
 from astropy.table import Table, TableMergeError, vstack
 
 from ..errors import InputError
+from .fits_check import check_fits
 
 
 def find_catalog(catalogs_dir, name) -> Path | None:
@@ -27,6 +28,11 @@ def read_catalog(path) -> Table:
     A FITS_LDAC catalogue of a multi-extension image has one ``LDAC_OBJECTS`` HDU per image
     extension: they are stacked in file order.
     """
+    if not Path(path).is_file():
+        raise InputError(f"catalogue {path} does not exist" if not Path(path).exists()
+                         else f"catalogue {path} is not a file")
+    # headers and data sizes checked against the file before astropy reads anything
+    check_fits(path, f"catalogue {path}: cannot be read as FITS")
     try:
         with fits.open(path, memmap=False) as hdul:
             hdus = [h for h in hdul if h.name == "LDAC_OBJECTS"]
@@ -36,7 +42,7 @@ def read_catalog(path) -> Table:
                 raise InputError(f"catalogue {path}: no LDAC_OBJECTS or table HDU")
             tables = [Table(h.data) for h in hdus]
             table = tables[0] if len(tables) == 1 else vstack(tables, join_type="exact")
-    except (OSError, ValueError, TableMergeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, TableMergeError) as exc:
         raise InputError(f"catalogue {path}: cannot be read as FITS ({exc})") from None
     if "NUMBER" not in table.colnames:
         raise InputError(f"catalogue {path}: no NUMBER column; a SExtractor catalogue is expected")

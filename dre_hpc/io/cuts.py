@@ -13,6 +13,8 @@ position, FITS 1-based), ``X0``, ``Y0`` (0-based image pixel of cut pixel [0, 0]
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from ..errors import CutsFormatError, InputError
 STACKED_LAYOUT = "dre_hpc-stacked"
 OBJECT_FIELDS = [("NUMBER", "i8"), ("EXT_NUMBER", "i4"), ("X_IMAGE", "f8"), ("Y_IMAGE", "f8"),
                  ("X0", "i8"), ("Y0", "i8"), ("DX", "f8"), ("DY", "f8"), ("CUT_FLAGS", "i8")]
+#: Most bytes one `read_cuts` call allocates (data + mask + rms); read a larger file in parts
+#: (``start``/``stop``). A header that claims more is refused before anything is read.
+MAX_READ_BYTES = 64 * 2**30
 COMPRESSION = {"none": {}, "low": {"compression": "lzf"},
                "medium": {"compression": "gzip", "compression_opts": 4},
                "high": {"compression": "gzip", "compression_opts": 9}}
@@ -66,7 +71,10 @@ def empty_objects(n: int) -> np.ndarray:
 
 
 def detect_layout(h5, source) -> str:
-    if h5.attrs.get("layout") == STACKED_LAYOUT:
+    tag = h5.attrs.get("layout")
+    if isinstance(tag, bytes):
+        tag = tag.decode("utf-8", "replace")
+    if isinstance(tag, str) and tag == STACKED_LAYOUT:
         return "stacked"
     groups = list(h5.keys())
     # groups holding some of obj/seg/rms are DRE groups; one that lacks a dataset is reported by name
@@ -81,17 +89,22 @@ def detect_layout(h5, source) -> str:
 
 def count_cuts(path) -> int:
     """Number of objects in a cuts file of either layout."""
-    with _open(path) as h5:
+    with _open(path) as h5, _damaged(path):
         layout = detect_layout(h5, path)
-        return {"stacked": lambda: h5["data"].shape[0], "dre": lambda: len(h5), "empty": lambda: 0}[layout]()
+        if layout == "stacked":
+            found = _stacked_datasets(h5, path)
+            for name, ds in found.items():      # a count the file cannot hold is refused
+                _check_stored(ds, path, name)
+            return found["data"].shape[0]
+        return len(h5) if layout == "dre" else 0
 
 
 def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128) -> CutoutSet:
     """Read objects ``[start, stop)`` of a cuts file of either layout (DRE groups in sorted order)."""
-    with _open(path) as h5:
+    with _open(path) as h5, _damaged(path):
         layout = detect_layout(h5, path)
         if layout == "stacked":
-            cuts = _read_stacked(h5, path, start, stop)
+            cuts = _read_stacked(h5, path, start, stop, boxsize)
         elif layout == "dre":
             cuts = _read_dre(h5, path, start, stop, boxsize)
         else:
@@ -104,12 +117,12 @@ def read_cut_objects(path, start: int = 0, stop: int | None = None) -> tuple:
     """``(table, names)`` of objects ``[start, stop)`` without their pixels: the OBJECT_FIELDS table
     (for the DRE layout only ``NUMBER`` and ``EXT_NUMBER``, from the group names) and the names
     that `read_cuts` gives them."""
-    with _open(path) as h5:
+    with _open(path) as h5, _damaged(path):
         layout = detect_layout(h5, path)
         if layout == "stacked":
-            if "objects" not in h5:
-                raise CutsFormatError(f"{path}: stacked cuts file lacks 'objects'")
-            found = h5["objects"][start:stop]
+            objects = _stacked_datasets(h5, path)["objects"]
+            _check_stored(objects, path, "objects")
+            found = objects[slice(start, stop)]
             table = empty_objects(len(found))
             for name in found.dtype.names:
                 if name in table.dtype.names:
@@ -122,6 +135,65 @@ def read_cut_objects(path, start: int = 0, stop: int | None = None) -> tuple:
     return table, names
 
 
+@contextmanager
+def _damaged(path):
+    """Turn the errors h5py raises on a damaged file (a truncated chunk, a broken link) into a
+    CutsFormatError naming the file."""
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise CutsFormatError(f"{path}: damaged cuts file, cannot be read ({type(exc).__name__}: "
+                              f"{exc})") from None
+
+
+def _stacked_datasets(h5, path) -> dict:
+    """The datasets of a stacked file, their kinds, ranks and lengths checked (nothing read)."""
+    found = {}
+    for name, kinds, ndim in (("data", "fiu", 3), ("mask", "biu", 3), ("rms", "fiu", 3), ("objects", "V", 1)):
+        if name not in h5:
+            raise CutsFormatError(f"{path}: stacked cuts file lacks {name!r}; expected datasets "
+                                  "data, mask, rms and objects")
+        ds = h5[name]
+        if not isinstance(ds, h5py.Dataset):
+            raise CutsFormatError(f"{path}: {name!r} is not a dataset")
+        if ds.dtype.kind not in kinds or ds.ndim != ndim:
+            what = ("a table (compound type) with fields " + ", ".join(f for f, _ in OBJECT_FIELDS)
+                    if name == "objects" else f"a numeric {ndim}-D array (N, B, B)")
+            raise CutsFormatError(f"{path}: dataset {name!r} has type {ds.dtype} and shape {ds.shape}, "
+                                  f"expected {what}")
+        found[name] = ds
+    for field_name in found["objects"].dtype.names:
+        kind = found["objects"].dtype[field_name].kind
+        if field_name in dict(OBJECT_FIELDS) and kind not in "biuf":
+            raise CutsFormatError(f"{path}: objects field {field_name!r} has type "
+                                  f"{found['objects'].dtype[field_name]}, expected a number")
+    lengths = {name: ds.shape[0] for name, ds in found.items()}
+    if len(set(lengths.values())) > 1:
+        raise CutsFormatError(f"{path}: data, mask, rms and objects have different lengths {lengths}")
+    return found
+
+
+def _check_stored(ds, path, name) -> None:
+    """CutsFormatError when the file does not hold `ds`'s data: a chunked dataset with chunks
+    never written (reads would give fill values, or a shape in the billions with nothing behind
+    it) or a contiguous one with less storage than its size (checked before reading)."""
+    if ds.size == 0:
+        return
+    layout = ds.id.get_create_plist().get_layout()
+    if layout == h5py.h5d.CHUNKED:
+        expected = math.prod(-(-n // c) for n, c in zip(ds.shape, ds.chunks))
+        held = ds.id.get_num_chunks()
+        if held < expected:
+            raise CutsFormatError(f"{path}: dataset {name!r} of shape {ds.shape} holds only {held} of "
+                                  f"its {expected} chunks (never written, or a shape the file cannot "
+                                  f"hold)")
+    elif layout == h5py.h5d.CONTIGUOUS:
+        nbytes = ds.size * ds.dtype.itemsize
+        if ds.id.get_storage_size() < nbytes:
+            raise CutsFormatError(f"{path}: dataset {name!r} of shape {ds.shape} claims {nbytes} bytes "
+                                  f"but the file stores {ds.id.get_storage_size()}")
+
+
 def _open(path):
     path = Path(path)
     if not path.is_file():
@@ -132,15 +204,24 @@ def _open(path):
         raise CutsFormatError(f"{path}: cannot be read as HDF5 ({exc})") from None
 
 
-def _read_stacked(h5, path, start, stop) -> CutoutSet:
-    try:
-        sel = slice(start, stop)
-        table = h5["objects"][sel]
-        cuts = CutoutSet(h5["data"][sel], h5["mask"][sel].astype(bool, copy=False), h5["rms"][sel],
-                         empty_objects(len(table)), str(path))
-    except KeyError as exc:
-        raise CutsFormatError(f"{path}: stacked cuts file lacks {exc}; expected datasets "
-                              "data, mask, rms and objects") from None
+def _read_stacked(h5, path, start, stop, boxsize) -> CutoutSet:
+    found = _stacked_datasets(h5, path)
+    sel = slice(start, stop)
+    n = len(range(*sel.indices(found["data"].shape[0])))
+    for name in ("data", "mask", "rms"):
+        if found[name].shape[1:] != (boxsize, boxsize):
+            raise CutsFormatError(f"{path}: {name} cutouts have shape {found[name].shape[1:]}, expected "
+                                  f"({boxsize}, {boxsize}) like the model stamps")
+    nbytes = n * boxsize * boxsize * 9
+    if nbytes > MAX_READ_BYTES:
+        raise CutsFormatError(f"{path}: reading {n} cutouts needs {nbytes / 2**30:.1f} GiB, more than "
+                              f"the {MAX_READ_BYTES // 2**30} GiB limit of one read; read it in parts")
+    for name, ds in found.items():
+        _check_stored(ds, path, name)
+    table = found["objects"][sel]
+    cuts = CutoutSet(found["data"][sel].astype(np.float32, copy=False),
+                     found["mask"][sel].astype(bool, copy=False),
+                     found["rms"][sel].astype(np.float32, copy=False), empty_objects(len(table)), str(path))
     for name in table.dtype.names:
         if name in cuts.objects.dtype.names:
             cuts.objects[name] = table[name]
@@ -161,10 +242,21 @@ def _read_dre(h5, path, start, stop, boxsize) -> CutoutSet:
     arrays = {"obj": [], "seg": [], "rms": []}
     for i, name in enumerate(names):
         group = h5[name]
+        if not isinstance(group, h5py.Group):
+            raise CutsFormatError(f"{path}: {name!r} is not a group (DRE layout: one group per object "
+                                  "with datasets obj, seg, rms)")
         for key in arrays:
             if key not in group:
                 raise CutsFormatError(f"{path}: group {name!r} lacks dataset {key!r} (DRE layout needs obj, seg, rms)")
-            arrays[key].append(group[key][()])
+            ds = group[key]
+            if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "biuf" or ds.shape != (boxsize, boxsize):
+                what = (f"type {ds.dtype}, shape {ds.shape}" if isinstance(ds, h5py.Dataset)
+                        else "a group, not a dataset")
+                raise CutsFormatError(f"{path}: group {name!r} {key} has {what}, expected ({boxsize}, "
+                                      f"{boxsize}) numbers like the model stamps (every obj/seg/rms "
+                                      f"must be {boxsize}x{boxsize})")
+            _check_stored(ds, path, f"{name}/{key}")
+            arrays[key].append(ds[()])
         table["EXT_NUMBER"][i], table["NUMBER"][i] = _parse_name(name, path)
     try:
         data, seg, rms = (np.array(arrays[k]) for k in ("obj", "seg", "rms"))

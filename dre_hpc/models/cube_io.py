@@ -19,6 +19,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..errors import CubeFormatError, InputError
+from ..io.fits_check import check_fits
 from .grid import AXIS_KEYS, ModelGrid
 
 GRID_KEYS = tuple(k for keys in AXIS_KEYS.values() for k in keys) + ("BOXSIZE",)
@@ -131,10 +132,13 @@ def read_cube(path):
                          else f"model cube {path} is not a file")
     try:
         with fits.open(path, memmap=False) as hdul:
+            # every header checked and the data sizes compared with the file before astropy reads
+            # data: truncated files and absurd NAXISn/BITPIX give an InputError, not a huge array
+            check_fits(path, f"cannot read model cube {path} as FITS")
             hdu = _first_image_hdu(hdul, path)
             header = _grid_header(hdul[0].header, hdu.header)
             data = np.asarray(hdu.data)
-    except (OSError, ValueError, TypeError, IndexError) as exc:
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError) as exc:
         raise InputError(f"cannot read model cube {path} as FITS: {exc}") from exc
     grid = ModelGrid.from_header(header, source=str(path))
     data = _match_shape(data, grid, path)

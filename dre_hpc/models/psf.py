@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PSFError
+from ..io.fits_check import check_fits
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,16 @@ def read_psf(path, ext_number: int = 0, resample: bool = False) -> np.ndarray:
     """
     path = Path(path)
     with _open_fits(path) as hdul:
-        psfex_hdus = [i for i, hdu in enumerate(hdul) if _is_psfex_hdu(hdu)]
-        if psfex_hdus:
-            raw, samp = _read_psfex(hdul, psfex_hdus, int(ext_number), path)
-            raw = _check_sampling(raw, samp, resample, path, int(ext_number))
-        else:
-            raw = _read_image_psf(hdul, path)
+        try:
+            psfex_hdus = [i for i, hdu in enumerate(hdul) if _is_psfex_hdu(hdu)]
+            if psfex_hdus:
+                raw, samp = _read_psfex(hdul, psfex_hdus, int(ext_number), path)
+                raw = _check_sampling(raw, samp, resample, path, int(ext_number))
+            else:
+                raw = _read_image_psf(hdul, path)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            raise PSFError(f"PSF file {path}: cannot read its PSF data ({type(exc).__name__}: "
+                           f"{exc})") from exc
     return _clean(raw, path)
 
 
@@ -154,6 +159,9 @@ def _open_fits(path: Path):
         raise PSFError(f"PSF file {path} does not exist")
     if not path.is_file():
         raise PSFError(f"PSF path {path} is not a file")
+    # headers checked and data sizes compared with the file first: a truncated file or absurd
+    # NAXISn/TFIELDS is refused here instead of astropy allocating or looping on it
+    check_fits(path, f"PSF file {path} is not a readable FITS file", PSFError)
     hdul = None
     try:
         hdul = fits.open(path, memmap=False)
