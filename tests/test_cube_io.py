@@ -133,7 +133,7 @@ def test_missing_and_unreadable_files(tmp_path):
     grid = small_grid(False)
     whole = write_cube(tmp_path / "whole.fits", random_cube(grid), grid).read_bytes()
     (tmp_path / "cut.fits").write_bytes(whole[:len(whole) // 2])
-    with pytest.warns(Warning, match="truncated"), pytest.raises(InputError, match="cut.fits"):
+    with pytest.raises(InputError, match="cut.fits.*truncated"):
         read_cube(tmp_path / "cut.fits")
     empty = tmp_path / "empty.fits"
     fits.PrimaryHDU().writeto(empty)

@@ -28,7 +28,7 @@ from astropy.table import Column, Table, vstack
 
 from dre_hpc.batch.rundir import file_sha256
 from dre_hpc.errors import InputError
-from dre_hpc.io.fits_check import card_int, data_bytes, header_cards, read_header
+from dre_hpc.io.fits_check import card_int, check_table, data_bytes, header_cards, read_header
 
 COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|TCRPX|"
                         r"TCRVL|TCDLT|TRPOS)(\d+)$")
@@ -87,6 +87,10 @@ def read_part(path) -> TablePart:
     claims more data than the file holds."""
     try:
         handle = open(path, "rb")
+    except FileNotFoundError:
+        raise PartError(f"{path}: does not exist") from None
+    except IsADirectoryError:
+        raise PartError(f"{path}: is a directory, not a FITS table") from None
     except OSError as exc:
         raise PartError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
     with handle:
@@ -109,6 +113,7 @@ def read_part(path) -> TablePart:
         raise PartError(f"{path}: extension 1 is not a binary table")
     if _int(cards, "PCOUNT", 0, where) != 0 or _int(cards, "GCOUNT", 1, where) != 1:
         raise PartError(f"{path}: binary table with a heap (variable-length columns)")
+    check_table(cards, where, PartError)
     nbytes = _data_bytes(cards, where)
     if offset + nbytes > size:
         raise PartError(f"{path}: extension 1 claims {nbytes} bytes of table data "
@@ -260,6 +265,9 @@ def write_chi(path, sources) -> None:
         seen = set()
         with h5py.File(tmp, "w") as out:
             for position, source in enumerate(sources):
+                if not os.path.isfile(source):
+                    raise ChiFileError(f"chi file {source} " + ("is a directory, not a file"
+                                       if os.path.isdir(source) else "does not exist"))
                 try:
                     src = h5py.File(source, "r")
                 except OSError as exc:

@@ -197,7 +197,8 @@ def _check_stored(ds, path, name) -> None:
 def _open(path):
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"cuts file {path} does not exist")
+        raise InputError(f"cuts file {path} is a directory, not a file" if path.is_dir()
+                         else f"cuts file {path} does not exist")
     try:
         return h5py.File(path, "r")
     except OSError as exc:

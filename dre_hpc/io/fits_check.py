@@ -182,7 +182,7 @@ def check_fits(path, where: str | None = None, error=InputError) -> list:
                 cards = header_cards(read_header(stream, f"{where}, {name}", error))
                 size = data_bytes(cards, f"{where}, {name}", error)
                 if hdus:
-                    _check_table(cards, f"{where}, {name}", error)
+                    check_table(cards, f"{where}, {name}", error)
                 data_offset = stream.tell()
                 padded = -(-size // BLOCK) * BLOCK
                 if total is not None and data_offset + padded > total:
@@ -207,7 +207,8 @@ def check_fits(path, where: str | None = None, error=InputError) -> list:
     return hdus
 
 
-def _check_table(cards: dict, where: str, error) -> None:
+def check_table(cards: dict, where: str, error=InputError) -> None:
+    """TFIELDS (0..999) and every TFORMn of a table extension header; `error` otherwise."""
     xtension = card_value(cards.get("XTENSION", b" " * CARD)).strip(b"' ").upper()
     if xtension not in (b"BINTABLE", b"TABLE", b"A3DTABLE"):
         return

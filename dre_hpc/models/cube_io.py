@@ -130,11 +130,11 @@ def read_cube(path):
     if not path.is_file():
         raise InputError(f"model cube {path} not found" if not path.exists()
                          else f"model cube {path} is not a file")
+    # every header checked and the data sizes compared with the file before astropy reads it:
+    # truncated files and absurd NAXISn/BITPIX give an InputError, not a huge array or a hang
+    check_fits(path, f"cannot read model cube {path} as FITS")
     try:
         with fits.open(path, memmap=False) as hdul:
-            # every header checked and the data sizes compared with the file before astropy reads
-            # data: truncated files and absurd NAXISn/BITPIX give an InputError, not a huge array
-            check_fits(path, f"cannot read model cube {path} as FITS")
             hdu = _first_image_hdu(hdul, path)
             header = _grid_header(hdul[0].header, hdu.header)
             data = np.asarray(hdu.data)
