@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -136,32 +137,42 @@ def _is_number(value):
     return _is_int(value) or isinstance(value, float)
 
 
+def _is_finite(value):
+    """A number that is finite as a float (not NaN or infinite, and no integer beyond float range)."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _walltime(value):
     if not isinstance(value, str):
         hint = (" (YAML reads an unquoted 1:00:00 as the number 3600, in base 60)" if _is_number(value)
                 else "")
         raise TypeError(f'a quoted string "HH:MM:SS" or "D-HH:MM:SS"{hint}: quote it, '
                         f'e.g. walltime: "01:00:00"')
-    if not _WALLTIME.match(value):
+    if not _WALLTIME.fullmatch(value):
         raise TypeError('a string "HH:MM:SS" or "D-HH:MM:SS" (minutes and seconds below 60)')
     return value
 
 
 def _filters(value):
     ok = isinstance(value, list) and all(
-        isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and all(map(_is_number, f[1:]))
+        isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) and all(map(_is_finite, f[1:]))
         for f in value)
     if not ok:
-        raise TypeError("a list of [PARAM, MIN, MAX] with a column name and two numbers")
+        raise TypeError("a list of [PARAM, MIN, MAX] with a column name and two finite numbers")
     return [[f[0], float(f[1]), float(f[2])] for f in value]
 
 
 def _gain(value):
     if value in ("counts", "cps"):
         return value
-    if _is_number(value) and value > 0:
+    if _is_finite(value) and value > 0:
         return float(value)
-    raise TypeError('"counts", "cps" or a positive number (e-/ADU)')
+    raise TypeError('"counts", "cps" or a positive number (e-/ADU; finite)')
 
 
 def _expect(test, what, convert=lambda v: v):
@@ -174,10 +185,10 @@ def _expect(test, what, convert=lambda v: v):
 
 _CHECKS = {
     "int": _expect(_is_int, "an integer"),
-    "number": _expect(_is_number, "a number", float),
+    "number": _expect(_is_finite, "a number (finite)", float),
     "bool": _expect(lambda v: isinstance(v, bool), "true or false"),
     "str": _expect(lambda v: isinstance(v, str), "a string"),
-    "name": _expect(lambda v: isinstance(v, str) and bool(_NAME.match(v)),
+    "name": _expect(lambda v: isinstance(v, str) and bool(_NAME.fullmatch(v)),
                     "a name of letters, digits, '_', '.', '-' (starting with a letter or digit)"),
     "strlist": _expect(lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v),
                        "a list of strings", list),
@@ -253,9 +264,10 @@ def _override(text, out, given):
     if isinstance(key, dict):
         raise ConfigError(f"{source}: {path.strip()} is a section; set one of its keys: {', '.join(key)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: the value is not valid YAML: {exc}") from None
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError) as exc:
+        # ValueError: a YAML date that does not exist (2001-02-30) fails while being constructed
+        raise ConfigError(f"{source}: {path.strip()}: the value is not valid YAML: {exc}") from None
     # On the command line the text is unambiguous: a string key keeps it as written (12:00:00, 007).
     if key.kind in ("str", "name", "walltime") and not isinstance(value, str) and value is not None:
         value = raw.strip()
@@ -277,10 +289,25 @@ def _resolve_chunking(out, given, source):
         raise ConfigError(f"{source}: chunking: set exactly one of objects_per_chunk and chunks_per_tile")
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, but a date that does not exist (2001-02-30) is a YAML error with its line and
+    column instead of a bare ValueError."""
+
+    def construct_yaml_timestamp(self, node):
+        try:
+            return super().construct_yaml_timestamp(node)
+        except (ValueError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(None, None, f"not a valid date ({exc})",
+                                                    node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
+
+
 def _read_yaml(path):
     try:
         with open(path, encoding="utf-8") as handle:
-            return yaml.safe_load(handle)
+            return yaml.load(handle, Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: run config not found") from None
     except OSError as exc:
@@ -290,6 +317,8 @@ def _read_yaml(path):
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{path}:{where}: not valid YAML: {problem}") from None
+    except (ValueError, OverflowError, RecursionError) as exc:   # e.g. a date 2001-02-30
+        raise ConfigError(f"{path}: not valid YAML: {type(exc).__name__}: {exc}") from None
 
 
 def resolve(raw=None, overrides=(), source="<config>"):

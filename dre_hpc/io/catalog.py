@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.table import Table, TableMergeError, vstack
 
 from ..errors import InputError
@@ -42,7 +43,8 @@ def read_catalog(path) -> Table:
                 raise InputError(f"catalogue {path}: no LDAC_OBJECTS or table HDU")
             tables = [Table(h.data) for h in hdus]
             table = tables[0] if len(tables) == 1 else vstack(tables, join_type="exact")
-    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, TableMergeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, VerifyError,
+            TableMergeError) as exc:
         raise InputError(f"catalogue {path}: cannot be read as FITS ({exc})") from None
     if "NUMBER" not in table.colnames:
         raise InputError(f"catalogue {path}: no NUMBER column; a SExtractor catalogue is expected")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 
 from ..errors import CubeFormatError, InputError
 from ..io.fits_check import check_fits
@@ -138,7 +139,7 @@ def read_cube(path):
             hdu = _first_image_hdu(hdul, path)
             header = _grid_header(hdul[0].header, hdu.header)
             data = np.asarray(hdu.data)
-    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError) as exc:
+    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError, VerifyError) as exc:
         raise InputError(f"cannot read model cube {path} as FITS: {exc}") from exc
     grid = ModelGrid.from_header(header, source=str(path))
     data = _match_shape(data, grid, path)

@@ -62,6 +62,8 @@ def read_psf(path, ext_number: int = 0, resample: bool = False) -> np.ndarray:
     PSFError
         Missing or unreadable file, no PSF data, unusable sampling, extension or pixel values.
     """
+    from astropy.io.fits.verify import VerifyError
+
     path = Path(path)
     with _open_fits(path) as hdul:
         try:
@@ -71,7 +73,7 @@ def read_psf(path, ext_number: int = 0, resample: bool = False) -> np.ndarray:
                 raw = _check_sampling(raw, samp, resample, path, int(ext_number))
             else:
                 raw = _read_image_psf(hdul, path)
-        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, VerifyError) as exc:
             raise PSFError(f"PSF file {path}: cannot read its PSF data ({type(exc).__name__}: "
                            f"{exc})") from exc
     return _clean(raw, path)
