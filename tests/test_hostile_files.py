@@ -540,3 +540,30 @@ def test_fuzz_cuts_reader(valid, fuzz_dir, data):
         np.testing.assert_array_equal(cuts.data, read_cuts(valid[name]).data)
     _accept_or(CutsFormatError, lambda: count_cuts(path))
     _accept_or(CutsFormatError, lambda: read_cut_objects(path, 1, 2))
+
+
+# -- tile images cut by make_cuts ------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["truncated", "naxis1-3e9", "bitpix-7", "naxis2-text", "ok", "compressed"])
+def test_tile_images(tmp_path, damage):
+    """make_cuts' image reader (memory-mapped planes): damaged images are an InputError naming the
+    file before any plane is mapped; a plain and a tile-compressed image are read."""
+    from dre_hpc.preprocess.cuts import TileImages
+
+    pixels = np.arange(300 * 200, dtype="f4").reshape(300, 200)
+    path = tmp_path / "tile.fits"
+    if damage == "compressed":
+        fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(pixels)]).writeto(path)
+    else:
+        fits.PrimaryHDU(pixels).writeto(path)
+    raw = path.read_bytes()
+    damaged = {"truncated": lambda: raw[:len(raw) // 2], "naxis1-3e9": lambda: set_card(raw, "NAXIS1", 3_000_000_000),
+               "bitpix-7": lambda: set_card(raw, "BITPIX", 7), "naxis2-text": lambda: set_card(raw, "NAXIS2", "'x'")}
+    path.write_bytes(damaged.get(damage, lambda: raw)())
+    if damage in ("ok", "compressed"):
+        images = TileImages({"sci": path})
+        np.testing.assert_array_equal(images.plane("sci", 1), pixels)
+        images.close()
+        return
+    with pytest.raises(InputError, match="tile.fits: cannot be read as a FITS image"):
+        TileImages({"sci": path})

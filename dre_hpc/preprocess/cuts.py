@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 
 from ..errors import InputError
 from ..flags import CutFlag
 from ..io.cuts import COMPRESSION, CutoutSet, empty_objects, object_name
+from ..io.fits_check import check_fits
 from .masks import clean_mask
 
 BOXSIZE = 128
@@ -123,10 +125,17 @@ class TileImages:
         self.paths, self.hduls, self.planes = paths, {}, {}
         for role, path in paths.items():
             try:
+                # headers and data sizes checked first: a truncated image or absurd NAXISn/BITPIX
+                # is an InputError here, not a failed memory map when its pixels are cut
+                check_fits(path, f"{path}: cannot be read as a FITS image")
+            except InputError:
+                self.close()
+                raise
+            try:
                 self.hduls[role] = fits.open(path, memmap=True)
                 self.planes[role] = [h for h in self.hduls[role]
                                      if h.is_image and h.header.get("NAXIS", 0) == 2]
-            except (OSError, ValueError, TypeError) as exc:
+            except (OSError, ValueError, TypeError, KeyError, VerifyError) as exc:
                 self.close()
                 raise InputError(f"{path}: cannot be read as a FITS image ({exc})") from None
             if not self.planes[role]:
