@@ -27,6 +27,7 @@ from ..fit.engine import _prepare, poisson_weights
 from ..fit.tiles import psf_index
 from ..io.catalog import offsets_from_catalog, read_catalog
 from ..io.cuts import CutoutSet, read_cuts
+from ..io.fits_check import check_fits
 from ..models.convolve import convolve_cube, remove_pixel_response
 from ..models.cube_io import _first_image_hdu, _grid_header, _match_shape
 from ..models.grid import ModelGrid
@@ -142,7 +143,12 @@ def mosaic_arrays(run_dir, catalogue, rows) -> tuple:
               "MODEL_IDX": _column(sub, "MODEL_IDX", np.int64, -1).reshape(len(sub), -1),
               "FLUX": _column(sub, "FLUX") if "FLUX" in sub.colnames else np.full(len(sub), np.nan)}
     out, notes = {}, []
-    with CubeFile(path) as cube:
+    try:
+        check_fits(path, f"model cube {path}")        # astropy can hang or over-allocate on a bad header
+        cube = CubeFile(path)
+    except (DreError, OSError, ValueError) as exc:
+        return {}, [f"gallery: {exc}; no mosaics drawn"]
+    with cube:
         for name in dict.fromkeys(wanted["TILE"]):
             members = [i for i, t in enumerate(wanted["TILE"]) if t == name]
             try:
