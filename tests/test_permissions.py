@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import stat
@@ -29,6 +28,7 @@ from batch_helpers import sim_tiles, write_config  # noqa: F401  (sim_tiles: a f
 from dre_hpc.batch.archive import ArchiveError, archive, extract_archive
 from dre_hpc.batch.collate import collate
 from dre_hpc.batch.rundir import RunDir, current_umask, mask_world_writable, write_atomic
+from test_archive import make_tar
 
 HAVE_TOOLS = shutil.which("psfex") is not None and (shutil.which("source-extractor") or shutil.which("sex"))
 STEPS = (("setup",), ("run",), ("collate",), ("link",), ("report", "--gallery", "0"), ("archive",))
@@ -129,18 +129,6 @@ def test_archive_refuses_a_link_as_archive_path(tmp_path):
     with pytest.raises(Exception, match="symbolic link"):
         archive(run)
     assert outside.read_text() == "sentinel" and (run.root / "chunks").is_dir()
-
-
-def make_tar(path, members):
-    """A tar.gz of hand-made members: (name, type, linkname)."""
-    with tarfile.open(path, "w:gz") as tar:
-        for name, kind, linkname in members:
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = kind, linkname
-            data = b"payload" if kind == tarfile.REGTYPE else b""
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 @pytest.mark.parametrize("members", [
