@@ -58,7 +58,7 @@ class ModelMatrix:
         return self.host[self.inverse[full_index]]
 
 
-def _prepare(xp, cuts, options):
+def prepare_cutouts(xp, cuts, options):
     """Clean, centre and weight a batch. Returns device arrays d, w (N, P), usable mask and host flags."""
     data = np.array(cuts.data, dtype=np.float32)
     rms = np.array(cuts.rms, dtype=np.float32)
@@ -142,7 +142,7 @@ def poisson_weights(xp, models, amp, w_sky, rms, gain):
 def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     """Fit one batch of cutouts; return host arrays: catalogue columns and ``SURFACE`` (N, grid.size)."""
     xp, grid = mm.xp, mm.grid
-    d, w, rms, usable, npix, flags, shrink = _prepare(xp, cuts, options)
+    d, w, rms, usable, npix, flags, shrink = prepare_cutouts(xp, cuts, options)
     if options.statistic == "wls":
         best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_wls(xp, mm, d, w)
         if options.gain:

@@ -136,25 +136,26 @@ def read_cube(path):
     check_fits(path, f"cannot read model cube {path} as FITS")
     try:
         with fits.open(path, memmap=False) as hdul:
-            hdu = _first_image_hdu(hdul, path)
-            header = _grid_header(hdul[0].header, hdu.header)
+            hdu = first_image_hdu(hdul, path)
+            header = grid_header(hdul[0].header, hdu.header)
             data = np.asarray(hdu.data)
     except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError, VerifyError) as exc:
         raise InputError(f"cannot read model cube {path} as FITS: {exc}") from exc
     grid = ModelGrid.from_header(header, source=str(path))
-    data = _match_shape(data, grid, path)
+    data = match_shape(data, grid, path)
     _check_finite(data, grid, path)
     return from_disk_layout(data, grid), grid
 
 
-def _first_image_hdu(hdul, path):
+def first_image_hdu(hdul, path):
+    """The first image HDU of `hdul` with data (a CubeFormatError naming `path` when none)."""
     for hdu in hdul:
         if hdu.is_image and hdu.header.get("NAXIS", 0) > 0 and hdu.data is not None and hdu.data.size:
             return hdu
     raise CubeFormatError(f"{path}: no HDU holds image data (a model cube needs one)")
 
 
-def _grid_header(primary, data_header) -> dict:
+def grid_header(primary, data_header) -> dict:
     """Grid keys from the primary header, falling back to the data HDU's header."""
     merged = {}
     for key in GRID_KEYS:
@@ -165,7 +166,8 @@ def _grid_header(primary, data_header) -> dict:
     return merged
 
 
-def _match_shape(data, grid, path):
+def match_shape(data, grid, path):
+    """`data` in the DRE disk layout of `grid` (leading length-1 axes dropped), or a CubeFormatError."""
     box = grid.boxsize
     expected = (grid.shape[1], grid.shape[2] * box, grid.shape[3] * box)
     if grid.has_index_axis:

@@ -5,7 +5,7 @@ is read from the memory-mapped cube file (64 kB, not the 165 MB cube), convolved
 PSF (`convolve_cube`; pixel response removed when ``fit.psf_pixel`` is ``included``) and scaled by
 the cell's amplitude as the fit sets it, so that its chi-square is the catalogue's CHI2 (FLUX is
 interpolated between cells: FLUX x this stamp fits worse, by up to tens of per cent in chi-square).
-The cutouts go through the fit's own preparation (`engine._prepare`), so data, rms and mask are
+The cutouts go through the fit's own preparation (`engine.prepare_cutouts`), so data, rms and mask are
 what the fit saw. With ``fit.gain`` the Poisson variance comes from the drawn cell; the fit took it
 from its first pass's best cell: the same numbers unless its second pass moved to another cell.
 What cannot be shown (prep products cleaned, an object without a fit) goes to notes, never raises.
@@ -23,13 +23,13 @@ from ..batch.fit_job import fit_options
 from ..batch.prep_job import tile_products
 from ..batch.rundir import RunDir
 from ..errors import DreError
-from ..fit.engine import _prepare, poisson_weights
+from ..fit.engine import prepare_cutouts, poisson_weights
 from ..fit.tiles import psf_index
 from ..io.catalog import offsets_from_catalog, read_catalog
 from ..io.cuts import CutoutSet, read_cuts
 from ..io.fits_check import check_fits
 from ..models.convolve import convolve_cube, remove_pixel_response
-from ..models.cube_io import _first_image_hdu, _grid_header, _match_shape
+from ..models.cube_io import first_image_hdu, grid_header, match_shape
 from ..models.grid import ModelGrid
 from ..models.psf import read_psf
 
@@ -92,11 +92,11 @@ class CubeFile:
         from astropy.io import fits
         self.hdul = fits.open(path, memmap=True)
         try:
-            hdu = _first_image_hdu(self.hdul, path)
-            self.grid = ModelGrid.from_header(_grid_header(self.hdul[0].header, hdu.header), str(path))
+            hdu = first_image_hdu(self.hdul, path)
+            self.grid = ModelGrid.from_header(grid_header(self.hdul[0].header, hdu.header), str(path))
             nn, nq, na, nr = self.grid.shape
             box = self.grid.boxsize
-            self.tiles = _match_shape(hdu.data, self.grid, path).reshape(nn, nq, na, box, nr, box)
+            self.tiles = match_shape(hdu.data, self.grid, path).reshape(nn, nq, na, box, nr, box)
         except BaseException:
             self.hdul.close()
             raise
@@ -203,7 +203,7 @@ def _tile_mosaics(rundir, tile, wanted, members, cube, options, fit, notes) -> d
 def _mosaics(cuts, stamps, flux, options) -> list:
     """Mosaics of one extension's objects from the fit's own preparation of their cutouts."""
     n, shape = len(cuts), stamps.shape
-    d, w, r, usable, _, _, shrink = _prepare(np, cuts, options)
+    d, w, r, usable, _, _, shrink = prepare_cutouts(np, cuts, options)
     d, m = d.astype(np.float64), stamps.reshape(n, -1).astype(np.float64)
     amp = best_amplitude(options.statistic, d, w, usable, m)
     if options.gain:        # the Poisson term of the fit's second pass, from this model
