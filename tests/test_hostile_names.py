@@ -378,11 +378,21 @@ def test_python_tag_in_config_is_refused_and_nothing_runs(tmp_path, base_tile):
 
 
 def test_every_yaml_load_in_the_package_is_safe():
+    """yaml.safe_* everywhere, or yaml.load with a Loader of the module that is a SafeLoader."""
+    import importlib
     import re
+    import yaml
     package = Path(__file__).resolve().parent.parent / "dre_hpc"
     for path in package.rglob("*.py"):
         text = path.read_text(encoding="utf-8")
-        for match in re.finditer(r"yaml\.(\w+)\(", text):
-            assert match.group(1) in ("safe_load", "safe_dump", "safe_load_all", "dump"), \
-                f"{path}: yaml.{match.group(1)}"
+        for match in re.finditer(r"yaml\.(\w+)\(([^()]*)", text):
+            call, args = match.groups()
+            if call == "load":
+                loader = re.search(r"Loader=(\w+)", args)
+                assert loader, f"{path}: yaml.load without a Loader"
+                module = importlib.import_module(
+                    ".".join(path.relative_to(package.parent).with_suffix("").parts))
+                assert issubclass(getattr(module, loader.group(1)), yaml.SafeLoader), f"{path}: {loader.group(1)}"
+            else:
+                assert call in ("safe_load", "safe_dump", "safe_load_all", "dump"), f"{path}: yaml.{call}"
         assert "Loader=yaml.Loader" not in text and "UnsafeLoader" not in text and "FullLoader" not in text, path
