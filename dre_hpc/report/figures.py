@@ -121,7 +121,8 @@ def grid_edge_fractions(out_dir, edges: dict) -> Figure:
         ax.text(x, f, f"{f:.3f}", ha="center", va="bottom", fontsize=7)
     return Figure(_save(fig, out_dir, "grid_edges.png"), "Best fits on the grid edges",
                   "Fraction of fitted objects whose best model is the smallest or largest value of a grid "
-                  "axis (the angle axis is periodic). A pile-up says the grid should be wider there.")
+                  "axis (the angle axis is periodic). A pile-up says the grid should be wider there, "
+                  "unless the edge is a physical limit (b/a = 1: round objects).")
 
 
 def chi2_vs_mag(out_dir, mag, chi2_dof) -> Figure:
