@@ -183,13 +183,12 @@ def test_truncated(tmp_path, valid, reader_id, offset):
     expect_error(reader_id, path)
 
 
-@pytest.mark.parametrize("damage", list(FITS_DAMAGE) + list(TABLE_DAMAGE))
-@pytest.mark.parametrize("reader_id", FITS_READERS)
+@pytest.mark.parametrize("reader_id, damage", [
+    (reader, damage) for reader in FITS_READERS for damage in list(FITS_DAMAGE) + list(TABLE_DAMAGE)
+    if damage in FITS_DAMAGE or data_hdu(reader) > 0])         # table damage only where a table is read
 def test_absurd_fits_headers(tmp_path, valid, reader_id, damage):
     raw = valid[READERS[reader_id][0]].read_bytes()
     k = data_hdu(reader_id)
-    if damage in TABLE_DAMAGE and k == 0:
-        pytest.skip("no table in this file")
     path = tmp_path / f"{damage}_{READERS[reader_id][0]}"
     path.write_bytes({**FITS_DAMAGE, **TABLE_DAMAGE}[damage](raw, k))
     expect_error(reader_id, path)
