@@ -28,7 +28,7 @@ from astropy.table import Column, Table, vstack
 
 from dre_hpc.batch.rundir import file_sha256
 from dre_hpc.errors import InputError
-from dre_hpc.io.fits_check import card_int, check_table, data_bytes, header_cards, read_header
+from dre_hpc.io.fits_check import card_int, check_table, data_bytes, header_cards, open_binary, read_header
 
 COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|TCRPX|"
                         r"TCRVL|TCDLT|TRPOS)(\d+)$")
@@ -85,15 +85,7 @@ def read_part(path) -> TablePart:
     """The first extension of `path`, read by hand (only the headers: fast), or a `PartError`
     (a ValueError) when it is not a binary table without a heap, or its header is damaged or
     claims more data than the file holds."""
-    try:
-        handle = open(path, "rb")
-    except FileNotFoundError:
-        raise PartError(f"{path}: does not exist") from None
-    except IsADirectoryError:
-        raise PartError(f"{path}: is a directory, not a FITS table") from None
-    except OSError as exc:
-        raise PartError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
-    with handle:
+    with open_binary(path, str(path), PartError) as handle:
         size = os.fstat(handle.fileno()).st_size
         first = handle.read(CARD)
         if not first.startswith(b"SIMPLE  =") or first[10:30].strip() != b"T":

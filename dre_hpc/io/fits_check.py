@@ -118,15 +118,20 @@ class HduLayout:
     cards: dict
 
 
-def _open(path, where, error):
+def open_binary(path, where, error):
+    """`path` opened for reading bytes, or `error` saying why not (missing, a directory, ...)."""
     try:
-        handle = open(path, "rb")
+        return open(path, "rb")
     except IsADirectoryError:
         raise error(f"{where}: it is a directory, not a FITS file") from None
     except FileNotFoundError:
         raise error(f"{where}: the file does not exist") from None
     except OSError as exc:
         raise error(f"{where}: cannot be opened ({exc.strerror or exc})") from None
+
+
+def _open(path, where, error):
+    handle = open_binary(path, where, error)
     magic = handle.read(3)
     handle.seek(0)
     if magic[:2] == b"\x1f\x8b":
