@@ -286,10 +286,19 @@ def test_fit_killed_or_cancelled_mid_chunk_is_rerun_alone(reference, tiles, batc
     batch.ok("setup", write_config(tmp_path / "run.yaml"), tiles[0], "--run-dir", run_dir)
     batch.ok("run", run_dir)
     fit_a, fit_b = (next(r for r in records(run_dir) if r["tile"] == t)["job_id"] for t in TILES)
-    _wait_for(run_dir / "markers" / "fit" / "tile_b" / "00001.started", 120, "fit tile_b chunk 1")
-    slurm_cluster.run(["scancel", f"{fit_b}_1"])
-    _wait_for(run_dir / "markers" / "fit" / "tile_a" / "00001.started", 120, "fit tile_a chunk 1")
-    assert _sigkill_element(fit_a, 1) >= 2                                # mid-payload
+    # act on each chunk as soon as it starts, in whichever order SLURM runs them (waiting for one
+    # first let the other finish unseen on a loaded machine)
+    actions = {"tile_a": lambda: _sigkill_element(fit_a, 1) >= 2,          # mid-payload
+               "tile_b": lambda: slurm_cluster.run(["scancel", f"{fit_b}_1"]) is not None}
+    deadline = time.monotonic() + 120
+    while actions:
+        for tile in list(actions):
+            markers = run_dir / "markers" / "fit" / tile
+            assert not (markers / "00001.done").exists(), f"{tile} chunk 1 ended before it was seen running"
+            if (markers / "00001.started").exists():
+                assert actions.pop(tile)(), f"{tile} chunk 1: no process to kill"
+        assert time.monotonic() < deadline, f"chunk 1 of {sorted(actions)} did not start within 120 s"
+        time.sleep(0.02)
     first = batch.wait(run_dir, expect=1)
     states = chunk_states(batch.json_status(run_dir))
     state, reason = states.pop(("tile_a", 1))
