@@ -444,7 +444,7 @@ def test_dre_command_on_a_truncated_file(tmp_path, valid, broken):
 
 # -- fuzzing (hypothesis) -----------------------------------------------------------------------
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                          HealthCheck.too_slow])
 
 
@@ -521,7 +521,7 @@ def test_fuzz_fits_readers(valid, fuzz_dir, data):
     _accept_or(InputError, lambda: reader(path))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_cuts_reader(valid, fuzz_dir, data):
     """Truncations of valid cuts files (both layouts) and random bytes: a CutoutSet or a
