@@ -60,11 +60,10 @@ def truth_path(image, truth_dir=None) -> Path | None:
 def validation_of(data: RunData, truth_dir=None) -> tuple:
     """``(validation dict or None, notes)``: the fits of every tile with a truth catalogue against it."""
     from ..sim.tile import read_truth
-    tiles = {t["name"]: t["image"] for t in RunDir(data.root).read_manifest()["tiles"]}
     pairs, lacking, notes = [], [], []
-    names = np.asarray(data.catalogue["TILE"]).astype(str)
-    for tile in data.tiles:
-        path = truth_path(tiles[tile], truth_dir)
+    names = np.asarray(data.catalogue["TILE"])
+    for tile, image in data.images.items():
+        path = truth_path(image, truth_dir)
         if path is None:
             lacking.append(tile)
             continue
@@ -118,13 +117,11 @@ def _write_folder(out: Path, data: RunData, report: Report, gallery: int) -> Non
     seconds, head, c = report.seconds, report.summary, data.catalogue
     start = time.perf_counter()
     flags = np.asarray(c["FLAGS"], np.int64)
-    fitted = data.fitted
-    chi2_dof = np.where(fitted, np.asarray(c["CHI2"], float) / np.maximum(np.asarray(c["DOF"], float), 1), np.nan)
     overview = [figures.counts_per_tile(out, head["tiles_table"]),
                 figures.flag_frequency(out, head["flags"], len(c)),
                 figures.parameter_histograms(out, c, flags == 0, data.grid),
                 figures.grid_edge_fractions(out, head["grid_edges"]),
-                figures.chi2_vs_mag(out, np.asarray(c["MAG"], float), chi2_dof)]
+                figures.chi2_vs_mag(out, np.asarray(c["MAG"], float), data.chi2_dof)]
     times = [figures.chunk_times(out, [chunk_label_of(t) for t in data.chunk_times],
                                  [t.seconds for t in data.chunk_times], [t.objects for t in data.chunk_times])] \
         if data.chunk_times else []
@@ -139,8 +136,8 @@ def _write_folder(out: Path, data: RunData, report: Report, gallery: int) -> Non
     items, gallery_notes = [], []
     if gallery > 0:
         from .gallery import write_gallery
-        seed = _run_seed(data)
-        items, gallery_notes = _timed(seconds, "gallery", write_gallery, data.root, c, out, gallery, gallery, seed)
+        items, gallery_notes = _timed(seconds, "gallery", write_gallery, data.root, c, out, gallery, gallery,
+                                      data.seed)
     report.notes += gallery_notes
     page = html.page(f"dre-batch report: run {data.run}",
                      _sections(data, report, overview, times, checks, items))
@@ -149,11 +146,6 @@ def _write_folder(out: Path, data: RunData, report: Report, gallery: int) -> Non
                                        "missing": data.missing, "seconds": seconds,
                                        "chunk_times": [asdict(t) for t in data.chunk_times],
                                        "validation": "validation.json" if report.validation else None})
-
-
-def _run_seed(data: RunData) -> int:
-    from ..batch.config import load_config
-    return int(load_config(RunDir(data.root).config)["run"]["seed"])
 
 
 def _write_json(path: Path, content: dict) -> None:

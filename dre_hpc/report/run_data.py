@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import h5py
@@ -52,18 +53,31 @@ class RunData:
     run: str
     catalogue: object                    # astropy Table of `COLUMNS`
     grid: ModelGrid
-    tiles: list                          # tile names in manifest order
+    seed: int                            # the run's seed (run.seed)
+    images: dict                         # tile name -> its image, in manifest order
     expected: dict                       # tile -> objects the prep found (None when unknown)
     missing: list                        # {"tile", "chunk", "state", "reason"} of chunks left out
     chunk_times: list = field(default_factory=list)
     notes: list = field(default_factory=list)   # what could not be read, for the page
 
     @property
+    def tiles(self) -> list:
+        """Tile names in manifest order."""
+        return list(self.images)
+
+    @cached_property
     def fitted(self) -> np.ndarray:
         """Objects with a best model (``MODEL_IDX`` set, finite chi-square)."""
         c = self.catalogue
         first = np.asarray(c["MODEL_IDX"]).reshape(len(c), -1)[:, 0] if len(c) else np.zeros(0)
         return (first >= 0) & np.isfinite(np.asarray(c["CHI2"], float))
+
+    @cached_property
+    def chi2_dof(self) -> np.ndarray:
+        """Chi-square per degree of freedom of every object (NaN where not `fitted`)."""
+        c = self.catalogue
+        ratio = np.asarray(c["CHI2"], float) / np.maximum(np.asarray(c["DOF"], float), 1)
+        return np.where(self.fitted, ratio, np.nan)
 
 
 def _flat_catalogue(rundir: RunDir, run: str):
@@ -146,10 +160,11 @@ def load_run(run_dir) -> RunData:
         record = read_record(rundir)
     except DreError as exc:
         raise ReportError(str(exc)) from None
-    manifest = rundir.read_manifest()
-    run, tiles = manifest["run"], [t["name"] for t in manifest["tiles"]]
+    manifest, config = rundir.read_manifest(), load_config(rundir.config)
+    run, images = manifest["run"], {t["name"]: t["image"] for t in manifest["tiles"]}
+    tiles = list(images)
     catalogue = _flat_catalogue(rundir, run)
-    grid = _grid(rundir, tiles, load_config(rundir.config)["fit"]["model"])
+    grid = _grid(rundir, tiles, config["fit"]["model"])
     missing_path = rundir.collated(MISSING)
     missing = json.loads(missing_path.read_text())["missing"] if missing_path.is_file() else []
     markers = _Markers(rundir, run)
@@ -157,7 +172,8 @@ def load_run(run_dir) -> RunData:
     for tile in tiles:
         prep = markers.read("prep", tile)
         expected[tile] = int(prep["n_objects"]) if prep and "n_objects" in prep else None
-    data = RunData(rundir.root, run, catalogue, grid, tiles, expected, missing, _chunk_times(markers, record))
+    data = RunData(rundir.root, run, catalogue, grid, int(config["run"]["seed"]), images, expected, missing,
+                   _chunk_times(markers, record))
     if not data.chunk_times and record.get("tiles"):
         data.notes.append("run times per chunk: no done marker of the collated chunks could be read "
                           "(markers removed, or chunks redone since the collate?)")
@@ -189,7 +205,7 @@ def tile_rows(data: RunData) -> list:
     """Per tile: objects found by the prep, rows in the catalogue, fitted, clean (no flag), flagged,
     chunks missing (left out by ``collate --allow-missing``) and the objects with each flag that is
     set anywhere in the tile."""
-    tiles = np.asarray(data.catalogue["TILE"]).astype(str)
+    tiles = np.asarray(data.catalogue["TILE"])
     flags = np.asarray(data.catalogue["FLAGS"], np.int64)
     fitted = data.fitted
     missing = {}
@@ -210,7 +226,7 @@ def summary(data: RunData) -> dict:
     c = data.catalogue
     flags = np.asarray(c["FLAGS"], np.int64)
     fitted = data.fitted
-    chi2_dof = np.asarray(c["CHI2"], float)[fitted] / np.maximum(np.asarray(c["DOF"], float)[fitted], 1)
+    chi2_dof = data.chi2_dof[fitted]
     seconds = sum(t.seconds for t in data.chunk_times)
     timed = sum(t.objects for t in data.chunk_times)
     return {"run": data.run, "tiles": len(data.tiles), "objects": len(c), "fitted": int(fitted.sum()),
