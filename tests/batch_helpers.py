@@ -147,3 +147,18 @@ def local_reference(tmp_path_factory, sim_tiles, default_cube_file):
     result = dre_batch("run", root / "run")
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "run", result
+
+
+def run_with_broken_tile(tmp_path, images=()):
+    """Set up and run (local scheduler, 2 chunks a tile) `images` and then a tile ``broken`` whose
+    image is garbage: its prep fails. Returns ``(run_dir, CompletedProcess of run)``."""
+    broken = Path(tmp_path) / "broken.fits"
+    broken.write_bytes(b"SIMPLE  =                    T" + b"\x00garbage" * 100)
+    tiles = Path(tmp_path) / "tiles.txt"
+    tiles.write_text("".join(f"{image}\n" for image in (*images, broken)))
+    run_dir = Path(tmp_path) / "run"
+    assert dre_batch("setup", write_config(Path(tmp_path) / "run.yaml", chunks_per_tile=2), tiles,
+                     "--run-dir", run_dir).returncode == 0
+    result = dre_batch("run", run_dir)
+    assert result.returncode == 1 and "prep broken: failed" in result.stdout, result.stdout
+    return run_dir, result

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
-                           signal_when_started, sim_tiles, write_config)
+                           run_with_broken_tile, signal_when_started, sim_tiles, write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +70,7 @@ def test_sigkill_mid_chunk_then_failed_only_gives_the_same_catalogue(tmp_path, s
 
 def test_failed_prep_blocks_its_fits_and_collate_lists_them(tmp_path, sim_tiles):
     images = Path(sim_tiles).read_text().split()
-    broken = tmp_path / "broken.fits"
-    broken.write_bytes(b"SIMPLE  =                    T" + b"\x00garbage" * 100)
-    tiles = tmp_path / "tiles.txt"
-    tiles.write_text(f"{images[0]}\n{broken}\n")
-    run_dir = tmp_path / "run"
-    assert dre_batch("setup", write_config(tmp_path / "run.yaml", chunks_per_tile=2), tiles,
-                     "--run-dir", run_dir).returncode == 0
-    result = dre_batch("run", run_dir)
-    assert result.returncode == 1 and "prep broken: failed" in result.stdout, result.stdout
+    run_dir, result = run_with_broken_tile(tmp_path, images[:1])
     assert "fit broken" not in result.stdout                  # its fits never started
     assert not (run_dir / "markers" / "fit" / "broken").exists()
     status = dre_batch("status", run_dir, "--json")

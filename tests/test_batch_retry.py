@@ -23,7 +23,7 @@ import pytest
 
 from batch_fixtures import done_chunk, done_prep, make_run, submit
 from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
-                           signal_when_started, sim_tiles, write_config)
+                           run_with_broken_tile, signal_when_started, sim_tiles, write_config)
 from dre_hpc.batch import retry
 from dre_hpc.batch import status as st
 from dre_hpc.batch.worker import finish
@@ -364,15 +364,7 @@ def test_local_with_retries_off_the_chunk_stays_failed(tmp_path, sim_tiles, defa
 @pytest.mark.slow
 def test_local_python_error_is_not_retried(tmp_path, default_cube_file):
     """A tile whose image is garbage: its prep raises (retryable false) and runs once."""
-    broken = tmp_path / "broken.fits"
-    broken.write_bytes(b"SIMPLE  =                    T" + b"\x00garbage" * 100)
-    tiles = tmp_path / "tiles.txt"
-    tiles.write_text(f"{broken}\n")
-    run_dir = tmp_path / "run"
-    assert dre_batch("setup", write_config(tmp_path / "run.yaml", chunks_per_tile=2), tiles,
-                     "--run-dir", run_dir).returncode == 0
-    result = dre_batch("run", run_dir)
-    assert result.returncode == 1 and "prep broken: failed" in result.stdout, result.stdout
+    run_dir, result = run_with_broken_tile(tmp_path)
     assert "again" not in result.stdout and "retry" not in result.stdout
     assert [r["stage"] for r in records_of(run_dir)] == ["prep"]
     prep = json.loads(dre_batch("status", run_dir, "--json").stdout)["tiles"][0]["prep"]

@@ -6,13 +6,11 @@ where Chromium is not installed.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 import batch_helpers
-from batch_helpers import dre_batch
 from browser import chromium, image_load_report
+from test_report import collated_copy, report
 
 local_reference, sim_tiles = batch_helpers.local_reference, batch_helpers.sim_tiles
 
@@ -21,11 +19,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def test_every_image_of_the_report_loads_in_chromium(local_reference, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(local_reference[0], run_dir, symlinks=True)
-    for args in (("collate", run_dir), ("report", run_dir, "--gallery", "2")):
-        result = dre_batch(*args)
-        assert result.returncode == 0, result.stdout + result.stderr
+    run_dir = collated_copy(local_reference, tmp_path)
+    report(run_dir, "--gallery", "2")
     page = run_dir / "output" / "report" / "index.html"
     loaded = image_load_report(page)
     assert len(loaded) >= 9, loaded               # 8 figures and at least one gallery mosaic
