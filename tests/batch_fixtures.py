@@ -17,6 +17,7 @@ import numpy as np
 from dre_hpc import __version__
 from dre_hpc.batch.chunking import chunk_range
 from dre_hpc.batch.config import resolve
+from dre_hpc.batch.prep_job import prep_digest
 from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
 from dre_hpc.io.cuts import empty_objects, object_name
 from dre_hpc.io.outputs import summary_table, write_chi, write_summary
@@ -93,7 +94,8 @@ def done_chunk(rundir: RunDir, tile: str, tile_index: int, n_objects: int, k: in
     outputs = write_chunk_outputs(rundir, tile, tile_index, start, stop, k) if write_outputs else {}
     content = {"tile": tile, "chunk": k, "n_chunks": n_chunks, "start": start, "stop": stop,
                "rows": stop - start, "outputs": outputs, "seconds": 0.1, "job_id": "2",
-               "host": "test", "time": "2026-01-01T00:00:00", "config_hash": "x"}
+               "host": "test", "time": "2026-01-01T00:00:00", "config_hash": "x",
+               "prep_digest": prep_digest(rundir.read_marker("prep", tile)[1] or {})}
     rundir.write_marker("fit", tile, k, "done", content)
     rundir.log("fit", tile, k).parent.mkdir(parents=True, exist_ok=True)
     rundir.log("fit", tile, k).write_text(f"fit {tile} {k}\n")

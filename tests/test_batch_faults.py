@@ -106,6 +106,32 @@ def test_collate_refuses_a_corrupted_chunk_and_names_it(tmp_path, local_referenc
     assert "Traceback" not in result.stderr and not flat_path(run_dir).exists()
 
 
+def test_a_redone_prep_reruns_every_fit_of_its_tile(tmp_path, local_reference):
+    """A tile's prep done again (its done marker removed by hand, the remedy a fit or collate names
+    for changed products) takes every fit of the tile with it, done ones too: ``run
+    --failed-only`` runs the prep and both fits of tile_a, nothing of tile_b, and the catalogue
+    equals the uninterrupted run's."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(local_reference[0], run_dir, symlinks=True)
+    shutil.rmtree(run_dir / "collated", ignore_errors=True)
+    (run_dir / "markers" / "prep" / "tile_a.done").unlink()
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "markers").rglob("*.done")}
+    records_before = len(list((run_dir / "jobs").glob("*.json")))
+    rerun = dre_batch("run", run_dir, "--failed-only")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    new = [json.loads(p.read_text()) for p in sorted((run_dir / "jobs").glob("*.json"))][records_before:]
+    assert sorted((r["stage"], r["tile"], r["indices"]) for r in new) == [
+        ("fit", "tile_a", [0, 1]), ("prep", None, [0])]
+    after = {p: p.stat().st_mtime_ns for p in (run_dir / "markers").rglob("*.done")}
+    assert set(after) == set(before) | {run_dir / "markers" / "prep" / "tile_a.done"}
+    assert {p for p in before if after[p] != before[p]} == set((run_dir / "markers" / "fit" / "tile_a").glob("*.done"))
+    assert dre_batch("collate", run_dir).returncode == 0
+    reference_dir = local_reference[0]
+    if not flat_path(reference_dir).exists():
+        assert dre_batch("collate", reference_dir).returncode == 0
+    assert_same_catalogue(flat_path(run_dir), flat_path(reference_dir))
+
+
 def test_a_second_run_refuses_while_one_holds_the_lock(tmp_path, sim_tiles):
     """The first `run` is represented by this test process holding DIR/.run.lock exactly as
     `run` holds it (flock), which makes the overlap deterministic."""

@@ -107,6 +107,28 @@ def test_range_must_match_the_chunking(tmp_path):
         collate(rundir)
 
 
+def test_chunks_of_another_prep_refused(tmp_path):
+    """A chunk fitted on other prep products than the tile's current prep done marker records
+    (``prep_digest``), or whose tile has no prep done marker, is refused even with allow_missing."""
+    rundir = make_run(tmp_path / "run", {"a": 6}, chunks_per_tile=2)
+    done_prep(rundir, "a", 6, 2)
+    done_chunk(rundir, "a", 0, 6, 0, 2)
+    marker = done_chunk(rundir, "a", 0, 6, 1, 2)
+    rundir.write_marker("fit", "a", 1, "done", dict(marker, prep_digest="0" * 64))
+    for allow in (False, True):
+        with pytest.raises(CollateError, match="tile a chunk 1: fitted on other prep products"):
+            collate(rundir, allow_missing=allow)
+    rundir.write_marker("fit", "a", 1, "done", {k: v for k, v in marker.items() if k != "prep_digest"})
+    with pytest.raises(CollateError, match="00001.done: done marker incomplete .*prep_digest"):
+        collate(rundir)
+    rundir.write_marker("fit", "a", 1, "done", marker)
+    rundir.marker("prep", "a").unlink()
+    with pytest.raises(CollateError, match="tile a chunk 0: the tile's prep has no done marker"):
+        collate(rundir)
+    done_prep(rundir, "a", 6, 2)
+    assert collate(rundir).rows == {"a": 6}
+
+
 def test_missing_chunks_listed_then_allowed(tmp_path):
     rundir = make_run(tmp_path / "run", {"a": 6, "b": 4, "c": 4}, chunks_per_tile=2)
     for index, (tile, n) in enumerate({"a": 6, "b": 4}.items()):

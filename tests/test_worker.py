@@ -25,6 +25,7 @@ from batch_helpers import make_run
 
 from dre_hpc.batch import fit_job
 from dre_hpc.batch.chunking import chunk_range, n_chunks_for
+from dre_hpc.batch.prep_job import prep_digest, tile_products
 from dre_hpc.batch.rundir import file_sha256
 from dre_hpc.batch.worker import finish, main, run_stage
 from dre_hpc.io.cuts import count_cuts
@@ -35,9 +36,9 @@ pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("
 
 BASE = ["prep.margin=40", "fit.batch_size=4"]
 PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs",
-                  "attempt"}
+                  "bytes", "attempt"}
 FIT_DONE_KEYS = {"tile", "chunk", "n_chunks", "start", "stop", "rows", "outputs", "seconds", "job_id",
-                 "host", "time", "config_hash", "attempt", "ranks", "schedule", "resumed_objects",
+                 "host", "time", "config_hash", "prep_digest", "attempt", "ranks", "schedule", "resumed_objects",
                  "fitted_objects", "checkpoints", "per_rank"}
 FAILED_KEYS = {"reason", "traceback", "exit_code", "retryable", "job_id", "host", "time", "attempt"}
 
@@ -77,8 +78,10 @@ def test_prep_writes_products_and_a_done_marker_with_checksums(run):
     assert done["n_chunks"] == n_chunks_for(14, objects_per_chunk=5) == 3
     assert {"tiles/tiny/Cuts/tiny_cuts.h5", "tiles/tiny/PSF/tiny.psf",
             "tiles/tiny/Sextracted/tiny_cat.fits"} <= set(done["outputs"])
+    assert set(done["bytes"]) == set(done["outputs"])
     for rel, digest in done["outputs"].items():
         assert file_sha256(run.root / rel) == digest, rel
+        assert (run.root / rel).stat().st_size == done["bytes"][rel], rel
     assert not run.marker("prep", "tiny", outcome="started").exists()
     assert run.tiles()[0].n_chunks == 3                     # RunDir fills it in from the marker
 
@@ -182,6 +185,53 @@ def test_a_fit_that_raises_midway_leaves_no_chunk_files(run, monkeypatch):
     kind, failed = run.read_marker("fit", "tiny", 2)
     assert kind == "failed" and failed["reason"] == "OSError: disk full" and "broken" in failed["traceback"]
     assert _chunk_files(run) == []
+
+
+def _fit_fails(run, k, *fragments):
+    """Fit chunk `k`: it fails (not retryable) with a reason holding `fragments`, and no outputs."""
+    assert run_stage("fit", run.root, tile=0, chunk=k) == 1
+    kind, failed = run.read_marker("fit", "tiny", k)
+    assert kind == "failed" and failed["retryable"] is False, failed
+    assert all(f in failed["reason"] for f in fragments), failed["reason"]
+    assert not any(p.exists() for p in run.chunk_outputs("tiny", k).values())
+
+
+def test_fit_refuses_prep_products_changed_since_the_prep(run):
+    """Each fit checks the products its tile's prep done marker records before it reads any:
+    a small file (catalogue, PSF) by SHA-256, the cuts by size; missing ones too."""
+    assert run_stage("prep", run.root, tile=0) == 0
+    redo = "remove markers/prep/tiny.done and run `dre-batch run --failed-only`"
+    products = tile_products(run, run.tiles()[0])
+    catalog, cuts, psf = products["catalog"], products["cuts"], products["psf"]
+    original = catalog.read_bytes()
+    damaged = bytearray(original)
+    damaged[-10] ^= 0xFF                              # same size, one byte of the table data
+    catalog.write_bytes(bytes(damaged))
+    _fit_fails(run, 0, str(catalog), "SHA-256 differs", redo)
+    catalog.write_bytes(original)
+    with open(cuts, "ab") as handle:
+        handle.write(b"\0" * 8)
+    size = cuts.stat().st_size
+    _fit_fails(run, 1, str(cuts), f"({size} bytes, its done marker records {size - 8})", redo)
+    with open(cuts, "r+b") as handle:
+        handle.truncate(size - 8)
+    psf.unlink()
+    _fit_fails(run, 2, str(psf), "is missing", redo)
+    assert run_stage("prep", run.root, tile=0) == 0
+    assert run_stage("fit", run.root, tile=0, chunk=2) == 0
+    prep = run.read_marker("prep", "tiny")[1]
+    assert run.read_marker("fit", "tiny", 2)[1]["prep_digest"] == prep_digest(prep)
+
+
+def test_a_new_prep_removes_the_tiles_earlier_fits(run):
+    """Chunks fitted on the products a prep replaces go with them: outputs, checkpoints, markers."""
+    assert run_stage("prep", run.root, tile=0) == 0
+    assert run_stage("fit", run.root, tile=0, chunk=0) == 0
+    run.checkpoint_dir("tiny", 1).mkdir()
+    assert run.read_marker("fit", "tiny", 0)[0] == "done" and _chunk_files(run)
+    assert run_stage("prep", run.root, tile=0) == 0
+    assert run.read_marker("fit", "tiny", 0) == (None, None)
+    assert not run.chunk_dir("tiny").exists() and not run.marker_dir("fit", "tiny").exists()
 
 
 def test_finish_records_a_killed_job(run):

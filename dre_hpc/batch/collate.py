@@ -1,7 +1,8 @@
 """Collate a run: verify every chunk, merge the chunks per tile, and one flat catalogue of all tiles.
 
-Before anything is written, every done chunk is checked against its done marker: the row count is
-``stop - start`` (and the range is the one `chunk_range` gives the tile's object count), the output
+Before anything is written, every done chunk is checked against its done marker: it was fitted on
+the tile's current prep (``prep_digest``), the row count is ``stop - start`` (and the range is the
+one `chunk_range` gives the tile's object count), the output
 files are where `RunDir.chunk_outputs` puts them with the recorded byte counts and SHA-256, the FITS
 table has ``rows`` rows and the chi file ``rows`` datasets. A corrupt or modified chunk is refused
 with its path named, always. Chunks that are not done (failed, blocked, pending, never submitted)
@@ -28,8 +29,9 @@ import h5py
 from dre_hpc import __version__
 from dre_hpc.batch.chunking import ChunkingError, chunk_range
 from dre_hpc.batch.config import load_config
-from dre_hpc.batch.merge import (DuplicateObject, TablePart, read_part, sha256_and_size, write_chi,
-                                 write_tables)
+from dre_hpc.batch.merge import (ChiFileError, DuplicateObject, TablePart, read_part, sha256_and_size,
+                                 write_chi, write_tables)
+from dre_hpc.batch.prep_job import prep_digest
 from dre_hpc.batch.rundir import RunDir, file_sha256, utc_now, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
@@ -83,16 +85,23 @@ def _missing_entry(item) -> dict:
     return {"tile": item.tile, "chunk": item.chunk, "state": item.state, "reason": item.reason}
 
 
-def _check_chunk(rundir: RunDir, tile, k: int, n_objects) -> tuple:
-    """``(Chunk, [])`` for a chunk whose marker, files, checksums and row counts agree, else
-    ``(None, [problems])``, each naming the file."""
+def _check_chunk(rundir: RunDir, tile, k: int, prep) -> tuple:
+    """``(Chunk, [])`` for a chunk whose marker, prep, files, checksums and row counts agree, else
+    ``(None, [problems])``, each naming the file. `prep`: the tile's prep done marker or None."""
     kind, marker = rundir.read_marker("fit", tile.name, k)
     where = f"tile {tile.name} chunk {k}"
     if kind != "done":
         return None, [f"{where}: {marker.get('reason') if marker else 'no done marker'}"]
+    if prep is None:
+        return None, [f"{where}: the tile's prep has no done marker (being redone?): the chunk "
+                      f"cannot be tied to the products it was fitted on"]
+    n_objects = prep.get("n_objects")
     try:
         start, stop, rows = int(marker["start"]), int(marker["stop"]), int(marker["rows"])
         outputs = marker["outputs"]
+        if marker["prep_digest"] != prep_digest(prep):
+            return None, [f"{where}: fitted on other prep products than the tile's current ones "
+                          f"(its prep was redone after this fit)"]
         if n_objects is not None and (start, stop) != chunk_range(n_objects, k, tile.n_chunks):
             return None, [f"{where}: done marker range [{start}, {stop}) is not chunk {k} of "
                           f"{tile.n_chunks} of {n_objects} objects"]
@@ -160,9 +169,9 @@ def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
     for tile in rundir.tiles():
         chunks[tile.name] = []
         if tile.n_chunks is not None:
-            _, prep = rundir.read_marker("prep", tile.name)
-            n_objects = (prep or {}).get("n_objects")
-            jobs += [(tile, k, n_objects) for k in range(tile.n_chunks) if (tile.name, k) in done]
+            kind, prep = rundir.read_marker("prep", tile.name)
+            prep = prep if kind == "done" else None
+            jobs += [(tile, k, prep) for k in range(tile.n_chunks) if (tile.name, k) in done]
     problems = []
     with ThreadPoolExecutor(max_workers=THREADS) as pool:     # hashing releases the GIL
         for chunk, bad in pool.map(lambda job: _check_chunk(rundir, *job), jobs):
@@ -204,7 +213,7 @@ def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict, hasher) -> d
                            f"{exc}") from None
     try:
         write_chi(chi_path, [c.paths["chi"] for c in done])
-    except DuplicateObject as exc:
+    except (DuplicateObject, ChiFileError) as exc:
         raise CollateError(f"tile {tile}: {exc}") from None
     written[chi_path] = hasher.submit(sha256_and_size, chi_path)
     return written

@@ -40,7 +40,7 @@ from .checkpoint import Checkpoint, CheckpointPolicy, identity_digest
 from .chunk_fit import ChunkInterrupted, NodeModels, fit_pending, plan_units
 from .chunking import chunk_range
 from .comm import SerialComm
-from .prep_job import tile_products
+from .prep_job import check_products, prep_digest, tile_products
 from .environment import hostname
 from .rundir import RunDir, Tile, file_sha256
 
@@ -168,8 +168,10 @@ def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, s
     `stop`: a `StopSignals` (entered by the caller) whose signal ends the fit at the next unit
     with a checkpoint and `ChunkInterrupted` on every rank. Returns, on world rank 0, the
     tile-specific content of the done marker (``tile, chunk, n_chunks, start, stop, rows, outputs,
-    seconds, config_hash`` and how the work went: ``ranks, resumed_objects, fitted_objects,
-    checkpoints, per_rank``); None on the other ranks. On any exception no output file remains.
+    seconds, config_hash, prep_digest`` and how the work went: ``ranks, resumed_objects,
+    fitted_objects, checkpoints, per_rank``); None on the other ranks. On any exception no output
+    file remains. A prep product that is missing or changed since the prep (`check_products`)
+    is a `PrepChanged` error before anything is fitted.
     A symbolic link at ``tiles/<tile>`` or ``chunks/<tile>`` (or above) is refused (RunDirError)
     before anything is read or written.
     """
@@ -187,6 +189,7 @@ def _run_fit(rundir, config, tile, k, prep, comm, stop):
     bounds = chunk_range(n_objects, k, n_chunks)
     if comm.rank == 0:
         remove_chunk_outputs(rundir, tile.name, k)           # an earlier attempt's, if any
+    check_products(rundir, tile, prep)      # every rank: the same answer, so none waits for another
     try:
         models = load_models(config, comm)
         work = ChunkWork(rundir, config, tile, k, prep, bounds, models)
@@ -254,7 +257,8 @@ class ChunkWork:
         per_rank = [stats for _, stats in gathered]
         return {"tile": self.tile.name, "chunk": self.k, "n_chunks": int(self.prep["n_chunks"]),
                 "start": start, "stop": stop, "rows": len(table), "outputs": outputs,
-                "config_hash": self.config.hash(), "ranks": len(gathered),
+                "config_hash": self.config.hash(), "prep_digest": prep_digest(self.prep),
+                "ranks": len(gathered),
                 "schedule": self.config["fit"]["schedule"],
                 "resumed_objects": sum(self.sizes[uid] for uid in resumed),
                 "fitted_objects": sum(s["objects"] for s in per_rank),

@@ -14,17 +14,23 @@ image's own name: they read ``tiles/<tile>/input/<tile><suffix>``, a symbolic li
 (relative to the run directory, where jobs run), removed again when the prep ends.
 
 A prep run starts by removing the tile's folder (products of an earlier attempt; a symbolic link
-there is removed itself, never followed) and removes it again when it fails, so that only a prep
-with a done marker has products; the done marker is the only sign of completion. Nothing is
+there is removed itself, never followed) and the tile's fit chunks (outputs, checkpoints, markers:
+they were fitted on the products being replaced), and removes its folder again when it fails, so
+that only a prep with a done marker has products; the done marker is the only sign of completion.
+It records every product's SHA-256 and size: each fit checks them before it reads anything
+(`check_products`) and records `prep_digest` in its own done marker, which collate compares. Nothing is
 written through a link out of the run directory (`rundir.check_inside`). `run_prep` returns the marker's tile-specific content; writing markers
 is the worker's job.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 
+from ..errors import InputError
 from ..models.psf import image_stem
 from ..preprocess.cut_tiles import cut_tile
 from ..preprocess.cuts import CutsOptions
@@ -32,6 +38,13 @@ from ..preprocess.psfex import run_psfex
 from ..preprocess.sextractor import SexOptions, run_sextractor
 from .chunking import n_chunks_for
 from .rundir import RunDir, Tile, file_sha256, remove_path
+
+HASHED_BYTES = 64 << 20     # products up to this size are hashed again by every fit; larger ones
+                            # (the cuts: ~150 kB per object) are checked by size, not read whole
+
+
+class PrepChanged(InputError):
+    """A prep product is missing or differs from what the tile's prep done marker records."""
 
 
 def tile_products(rundir: RunDir, tile: Tile) -> dict:
@@ -71,13 +84,15 @@ def chunk_count(config, manifest_chunks, n_objects: int) -> int:
 
 def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
     """SExtractor, PSFEx and cuts of `tile`; returns ``{"tile", "n_objects", "n_chunks",
-    "seconds", "outputs"}`` (outputs: path relative to the run directory -> sha256).
+    "seconds", "outputs", "bytes"}`` (path relative to the run directory -> sha256, -> size).
 
-    On any exception the tile's folder is removed and the exception propagates.
+    The tile's earlier fit chunks are removed first (`void_fits`). On any exception the tile's
+    folder is removed and the exception propagates.
     """
     start = time.perf_counter()
     paths = tile_products(rundir, tile)
     folder = rundir.tile_dir(tile.name)
+    void_fits(rundir, tile)
     remove_path(rundir.root, folder)            # a link there goes, its target stays untouched
     try:
         image = image_link(rundir, tile)
@@ -88,13 +103,21 @@ def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
         finally:
             remove_path(rundir.root, image.parent)
         outputs = product_checksums(rundir, tile)
+        sizes = {rel: (rundir.root / rel).stat().st_size for rel in outputs}
     except BaseException:
         remove_path(rundir.root, folder)
         raise
     n_objects = int(report["cut"])
     return {"tile": tile.name, "n_objects": n_objects,
             "n_chunks": chunk_count(config, manifest_chunks, n_objects),
-            "seconds": round(time.perf_counter() - start, 3), "outputs": outputs}
+            "seconds": round(time.perf_counter() - start, 3), "outputs": outputs, "bytes": sizes}
+
+
+def void_fits(rundir: RunDir, tile: Tile) -> None:
+    """Remove the tile's fit chunks (``chunks/<tile>``: outputs and checkpoints) and their markers:
+    a new prep replaces the products they were fitted on. Links are removed, never followed."""
+    remove_path(rundir.root, rundir.chunk_dir(tile.name))
+    remove_path(rundir.root, rundir.marker_dir("fit", tile.name))
 
 
 def image_link(rundir: RunDir, tile: Tile) -> Path:
@@ -115,3 +138,30 @@ def product_checksums(rundir: RunDir, tile: Tile) -> dict:
     folder = rundir.tile_dir(tile.name)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return {Path(p).relative_to(rundir.root).as_posix(): file_sha256(p) for p in files}
+
+
+def prep_digest(prep: dict) -> str:
+    """SHA-256 of a prep done marker's product checksums: which prep a fit used."""
+    text = json.dumps(prep.get("outputs") or {}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_products(rundir: RunDir, tile: Tile, prep: dict) -> None:
+    """A `PrepChanged` error, naming the file, when a product the prep done marker `prep`
+    records is missing or another file now: size (when recorded) and, up to `HASHED_BYTES`,
+    SHA-256. A fit calls it before it reads anything."""
+    sizes = prep.get("bytes") or {}
+    redo = (f"redo the tile's prep: remove {rundir.marker('prep', tile.name).relative_to(rundir.root)}"
+            f" and run `dre-batch run --failed-only`")
+    for rel, digest in sorted((prep.get("outputs") or {}).items()):
+        path = rundir.root / rel
+        if path.is_symlink() or not path.is_file():
+            raise PrepChanged(f"{path}: product of the prep of tile {tile.name} is missing (or not a "
+                              f"regular file); {redo}")
+        size = path.stat().st_size
+        if rel in sizes and size != sizes[rel]:
+            raise PrepChanged(f"{path}: changed since the prep of tile {tile.name} ({size} bytes, its "
+                              f"done marker records {sizes[rel]}); {redo}")
+        if size <= HASHED_BYTES and file_sha256(path) != digest:
+            raise PrepChanged(f"{path}: changed since the prep of tile {tile.name} (its SHA-256 differs "
+                              f"from the done marker's); {redo}")

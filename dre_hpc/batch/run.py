@@ -1,9 +1,10 @@
 """``dre-batch run``: submit (or, with the local scheduler, execute) the jobs of a run.
 
 What is submitted follows from the markers (`status.collect`): a plain run submits every item that
-was never submitted, ``failed_only`` only the items that failed or vanished (and the fits blocked
-by a failed prep that is submitted again); items that are pending, running or done are never
-submitted twice. Prep runs as one array over tiles, each tile's fits as one array over its chunks
+was never submitted, ``failed_only`` only the items that failed or vanished; items that are
+pending, running or done are never submitted twice, except the fits of a tile whose prep is
+submitted again: every one of them (blocked or even done) runs again, since the new prep removes
+their outputs and markers (`prep_job.void_fits`). Prep runs as one array over tiles, each tile's fits as one array over its chunks
 depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
 is known only after prep: then the prep job submits its tile's fit array itself, afterok on its
 own element, before it writes its done marker (`submit_tile_fits`). A lock (``DIR/.run.lock``,
@@ -100,7 +101,7 @@ def plan_run(rundir: RunDir, status, failed_only=False, stage=None) -> Plan:
             if item.tile in rerun or (prep_state[item.tile] == "done" and item.state in wanted):
                 plan.fits.setdefault(item.tile, None)
             continue
-        if item.state in wanted or (failed_only and item.state == "blocked" and item.tile in rerun):
+        if item.state in wanted or item.tile in rerun:      # a new prep voids every fit of its tile
             if prep_ok:
                 chunks = plan.fits.setdefault(item.tile, [])
                 if chunks is not None:
