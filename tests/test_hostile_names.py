@@ -309,9 +309,10 @@ def test_manifest_with_escaping_tile_name_is_refused(tmp_path, base_tile):
 @pytest.mark.slow
 @needs_tools
 def test_planted_links_in_the_run_are_never_followed(tmp_path, base_tile, default_cube_file):
-    """``tiles/<tile>`` and ``chunks/<tile>`` are links to folders outside when the jobs run: the
-    prep removes its link (not the folder) and writes a real folder; the fit refuses the chunk
-    link with a clear reason; both outside folders keep exactly their sentinel."""
+    """``tiles/<tile>`` and ``chunks/<tile>`` are links to folders outside when the prep runs: it
+    removes both links (not the folders; the chunks of an earlier prep go with a new one) and
+    writes a real tile folder. A ``chunks/<tile>`` link planted after the prep makes the fit
+    refuse with a clear reason. Both outside folders keep exactly their sentinel."""
     rundir = _setup(tmp_path, [base_tile])
     outside = {kind: tmp_path / f"outside_{kind}" for kind in ("tiles", "chunks")}
     for kind, folder in outside.items():
@@ -319,13 +320,17 @@ def test_planted_links_in_the_run_are_never_followed(tmp_path, base_tile, defaul
         (folder / "sentinel.txt").write_text(kind)
         (rundir.root / kind).mkdir()
         os.symlink(folder, rundir.root / kind / "base")
-    proc = dre_batch("run", rundir.root, timeout=300)
+    proc = dre_batch("run", rundir.root, "--stage", "prep", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (rundir.root / "tiles" / "base").is_dir() and not (rundir.root / "tiles" / "base").is_symlink()
+    assert not os.path.lexists(rundir.root / "chunks" / "base")
+    assert rundir.read_marker("prep", "base")[0] == "done"
+    os.symlink(outside["chunks"], rundir.root / "chunks" / "base")
+    proc = dre_batch("run", rundir.root, "--stage", "fit", timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "symbolic link" in proc.stdout, proc.stdout
     for kind, folder in outside.items():
         assert [p.name for p in folder.iterdir()] == ["sentinel.txt"] and (folder / "sentinel.txt").read_text() == kind
-    assert (rundir.root / "tiles" / "base").is_dir() and not (rundir.root / "tiles" / "base").is_symlink()
-    assert rundir.read_marker("prep", "base")[0] == "done"
     kind, content = rundir.read_marker("fit", "base", 0)
     assert kind == "failed" and "symbolic link" in content["reason"]
 
