@@ -1,7 +1,7 @@
 """Faults dre-batch must survive, on the local scheduler with real processes and real signals.
 
 A fit process killed with SIGKILL mid-chunk (automatic retries off), a tile whose prep fails, a corrupted chunk output,
-and two ``run`` commands on one run directory. (The same faults through real SLURM are in
+prep products purged before a fit, and two ``run`` commands on one run directory. (The same faults through real SLURM are in
 test_batch_slurm.py.)
 """
 
@@ -106,15 +106,23 @@ def test_collate_refuses_a_corrupted_chunk_and_names_it(tmp_path, local_referenc
     assert "Traceback" not in result.stderr and not flat_path(run_dir).exists()
 
 
-def test_a_redone_prep_reruns_every_fit_of_its_tile(tmp_path, local_reference):
-    """A tile's prep done again (its done marker removed by hand, the remedy a fit or collate names
-    for changed products) takes every fit of the tile with it, done ones too: ``run
-    --failed-only`` runs the prep and both fits of tile_a, nothing of tile_b, and the catalogue
-    equals the uninterrupted run's."""
+def test_prep_products_purged_before_a_fit_are_redone_by_failed_only(tmp_path, local_reference):
+    """A scratch purge took tile_a's PSF before its chunk 1 ran (represented by the PSF removed
+    and chunk 1's done marker removed): that fit fails naming the file, and ``run --failed-only``
+    then redoes tile_a's prep and every fit of it, done ones too, nothing of tile_b; the
+    catalogue equals the uninterrupted run's."""
     run_dir = tmp_path / "run"
     shutil.copytree(local_reference[0], run_dir, symlinks=True)
     shutil.rmtree(run_dir / "collated", ignore_errors=True)
-    (run_dir / "markers" / "prep" / "tile_a.done").unlink()
+    (run_dir / "tiles" / "tile_a" / "PSF" / "tile_a.psf").unlink()
+    (run_dir / "markers" / "fit" / "tile_a" / "00001.done").unlink()
+    failed = dre_batch("run", run_dir, "--failed-only")
+    assert failed.returncode == 1 and "fit tile_a chunk 1: failed" in failed.stdout, failed.stdout
+    status = json.loads(dre_batch("status", run_dir, "--json").stdout)
+    chunk = [t for t in status["tiles"] if t["name"] == "tile_a"][0]["chunks"][1]
+    assert chunk["state"] == "failed" and chunk["redo_prep"] is True and chunk["retryable"] is False
+    assert "tile_a.psf" in chunk["reason"] and "run --failed-only` redoes the tile's prep" in chunk["reason"]
+
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "markers").rglob("*.done")}
     records_before = len(list((run_dir / "jobs").glob("*.json")))
     rerun = dre_batch("run", run_dir, "--failed-only")
@@ -123,8 +131,10 @@ def test_a_redone_prep_reruns_every_fit_of_its_tile(tmp_path, local_reference):
     assert sorted((r["stage"], r["tile"], r["indices"]) for r in new) == [
         ("fit", "tile_a", [0, 1]), ("prep", None, [0])]
     after = {p: p.stat().st_mtime_ns for p in (run_dir / "markers").rglob("*.done")}
-    assert set(after) == set(before) | {run_dir / "markers" / "prep" / "tile_a.done"}
-    assert {p for p in before if after[p] != before[p]} == set((run_dir / "markers" / "fit" / "tile_a").glob("*.done"))
+    redone = {p for p in after if p not in before or after[p] != before[p]}
+    assert {p.relative_to(run_dir).as_posix() for p in redone} == {
+        "markers/prep/tile_a.done", "markers/fit/tile_a/00000.done", "markers/fit/tile_a/00001.done"}
+    assert dre_batch("status", run_dir).returncode == 0
     assert dre_batch("collate", run_dir).returncode == 0
     reference_dir = local_reference[0]
     if not flat_path(reference_dir).exists():

@@ -191,7 +191,7 @@ def _fit_fails(run, k, *fragments):
     """Fit chunk `k`: it fails (not retryable) with a reason holding `fragments`, and no outputs."""
     assert run_stage("fit", run.root, tile=0, chunk=k) == 1
     kind, failed = run.read_marker("fit", "tiny", k)
-    assert kind == "failed" and failed["retryable"] is False, failed
+    assert kind == "failed" and failed["retryable"] is False and failed["redo_prep"] is True, failed
     assert all(f in failed["reason"] for f in fragments), failed["reason"]
     assert not any(p.exists() for p in run.chunk_outputs("tiny", k).values())
 
@@ -200,7 +200,7 @@ def test_fit_refuses_prep_products_changed_since_the_prep(run):
     """Each fit checks the products its tile's prep done marker records before it reads any:
     a small file (catalogue, PSF) by SHA-256, the cuts by size; missing ones too."""
     assert run_stage("prep", run.root, tile=0) == 0
-    redo = "remove markers/prep/tiny.done and run `dre-batch run --failed-only`"
+    redo = "`dre-batch run --failed-only` redoes the tile's prep and its fits"
     products = tile_products(run, run.tiles()[0])
     catalog, cuts, psf = products["catalog"], products["cuts"], products["psf"]
     original = catalog.read_bytes()

@@ -44,7 +44,10 @@ HASHED_BYTES = 64 << 20     # products up to this size are hashed again by every
 
 
 class PrepChanged(InputError):
-    """A prep product is missing or differs from what the tile's prep done marker records."""
+    """A prep product is missing or differs from what the tile's prep done marker records: the
+    fit's failed marker says ``redo_prep``, and ``run --failed-only`` redoes the tile's prep."""
+
+    redo_prep = True
 
 
 def tile_products(rundir: RunDir, tile: Tile) -> dict:
@@ -151,8 +154,7 @@ def check_products(rundir: RunDir, tile: Tile, prep: dict) -> None:
     records is missing or another file now: size (when recorded) and, up to `HASHED_BYTES`,
     SHA-256. A fit calls it before it reads anything."""
     sizes = prep.get("bytes") or {}
-    redo = (f"redo the tile's prep: remove {rundir.marker('prep', tile.name).relative_to(rundir.root)}"
-            f" and run `dre-batch run --failed-only`")
+    redo = "`dre-batch run --failed-only` redoes the tile's prep and its fits"
     for rel, digest in sorted((prep.get("outputs") or {}).items()):
         path = rundir.root / rel
         if path.is_symlink() or not path.is_file():

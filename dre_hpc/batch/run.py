@@ -4,7 +4,9 @@ What is submitted follows from the markers (`status.collect`): a plain run submi
 was never submitted, ``failed_only`` only the items that failed or vanished; items that are
 pending, running or done are never submitted twice, except the fits of a tile whose prep is
 submitted again: every one of them (blocked or even done) runs again, since the new prep removes
-their outputs and markers (`prep_job.void_fits`). Prep runs as one array over tiles, each tile's fits as one array over its chunks
+their outputs and markers (`prep_job.void_fits`). ``failed_only`` also submits again the (done)
+prep of a tile whose fit failed because the prep products changed (``redo_prep``: removed by a
+scratch purge, say). Prep runs as one array over tiles, each tile's fits as one array over its chunks
 depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
 is known only after prep: then the prep job submits its tile's fit array itself, afterok on its
 own element, before it writes its done marker (`submit_tile_fits`). A lock (``DIR/.run.lock``,
@@ -86,11 +88,14 @@ def plan_run(rundir: RunDir, status, failed_only=False, stage=None) -> Plan:
     wanted = SUBMITTABLE[bool(failed_only)]
     plan = Plan()
     tiles = {t.name: t for t in rundir.tiles()}
+    redo = {item.tile for item in status.items if failed_only and item.stage == "fit"
+            and item.state == "failed" and item.redo_prep}       # their prep products changed
     prep_state = {}
     for item in status.items:
         if item.stage == "prep":
             prep_state[item.tile] = item.state
-            if stage in (None, "prep") and item.state in wanted:
+            again = item.tile in redo and item.state == "done"
+            if stage in (None, "prep") and (item.state in wanted or again):
                 plan.prep.append(tiles[item.tile])
     rerun = {t.name for t in plan.prep}
     for item in status.items:

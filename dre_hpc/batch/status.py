@@ -57,6 +57,7 @@ class ItemStatus:
     attempt: int | None = None       # of the failed run (failed markers; None when not read)
     retryable: bool | None = None    # the failed marker's retryable
     retry: str | None = None         # what happens about a retryable failure (see the module doc)
+    redo_prep: bool | None = None    # a fit failed because its tile's prep products changed
 
 
 @dataclass
@@ -247,6 +248,7 @@ class _Collector:
         item.reason, content = _failed_marker(self.rundir, item.stage, item.tile, item.chunk)
         item.state, item.attempt = "failed", attempt_of(content)
         item.retryable = bool(content.get("retryable"))
+        item.redo_prep = bool(content.get("redo_prep"))
         position = len(self.items)
         if job is not None and self.scheduler is not None and content.get("job_id") is not None:
             retry_attempt = self.record_attempts.get(key)

@@ -156,7 +156,8 @@ def run_stage(stage: str, rundir, tile=None, chunk=None, ranks=None) -> int:
 
 def _record_failure(rundir, stage, item, k, label, exc, attempt, comm) -> int:
     """Write the failed marker of `exc` (an interrupted fit: rank 0 only, retryable, no
-    traceback); end the job's other ranks after a real error. Returns the exit code."""
+    traceback; a fit whose prep products changed: ``redo_prep``); end the job's other ranks after
+    a real error. Returns the exit code."""
     if isinstance(exc, ChunkInterrupted):
         if comm.rank == 0:
             rundir.write_marker(stage, item.name, k, "failed", {
@@ -164,9 +165,10 @@ def _record_failure(rundir, stage, item, k, label, exc, attempt, comm) -> int:
             print(f"{label}: {one_line(exc)}", file=sys.stderr)
         return RETRYABLE_EXIT
     where = f" (MPI rank {comm.rank} of {comm.size})" if comm.size > 1 else ""
+    redo = {"redo_prep": True} if getattr(exc, "redo_prep", False) else {}   # run --failed-only redoes it
     rundir.write_marker(stage, item.name, k, "failed", {
         **failed_content(one_line(exc) + where, traceback.format_exc(),
-                         retryable=getattr(exc, "retryable", False)), "attempt": attempt})
+                         retryable=getattr(exc, "retryable", False)), "attempt": attempt, **redo})
     print(f"{label}: failed{where}: {one_line(exc)}", file=sys.stderr)
     if comm.size > 1:
         sys.stderr.flush()
