@@ -18,9 +18,9 @@ there is removed itself, never followed) and the tile's fit chunks (outputs, che
 they were fitted on the products being replaced), and removes its folder again when it fails, so
 that only a prep with a done marker has products; the done marker is the only sign of completion.
 It records every product's SHA-256 and size: each fit checks them before it reads anything
-(`check_products`) and records `prep_digest` in its own done marker, which collate compares. Nothing is
-written through a link out of the run directory (`rundir.check_inside`). `run_prep` returns the marker's tile-specific content; writing markers
-is the worker's job.
+(`check_products`) and records `prep_digest` in its own done marker, which collate compares.
+Nothing is written through a link out of the run directory (`rundir.check_inside`). `run_prep`
+returns the marker's tile-specific content; writing markers is the worker's job.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from ..preprocess.sextractor import SexOptions, run_sextractor
 from .chunking import n_chunks_for
 from .rundir import RunDir, Tile, file_sha256, remove_path
 
-HASHED_BYTES = 64 << 20     # products up to this size are hashed again by every fit; larger ones
-                            # (the cuts: ~150 kB per object) are checked by size, not read whole
+REHASHED = ("catalog", "psf")   # products every fit reads whole: their SHA-256 is checked again;
+                                # the others (the cuts: ~150 kB per object; check images) by size
 
 
 class PrepChanged(InputError):
@@ -151,9 +151,11 @@ def prep_digest(prep: dict) -> str:
 
 def check_products(rundir: RunDir, tile: Tile, prep: dict) -> None:
     """A `PrepChanged` error, naming the file, when a product the prep done marker `prep`
-    records is missing or another file now: size (when recorded) and, up to `HASHED_BYTES`,
-    SHA-256. A fit calls it before it reads anything."""
+    records is missing or another file now: its size (when recorded) and, for the products a fit
+    reads whole (`REHASHED`), its SHA-256. A fit calls it before it reads anything."""
     sizes = prep.get("bytes") or {}
+    products = tile_products(rundir, tile)
+    rehashed = {products[role].relative_to(rundir.root).as_posix() for role in REHASHED}
     redo = "`dre-batch run --failed-only` redoes the tile's prep and its fits"
     for rel, digest in sorted((prep.get("outputs") or {}).items()):
         path = rundir.root / rel
@@ -164,6 +166,6 @@ def check_products(rundir: RunDir, tile: Tile, prep: dict) -> None:
         if rel in sizes and size != sizes[rel]:
             raise PrepChanged(f"{path}: changed since the prep of tile {tile.name} ({size} bytes, its "
                               f"done marker records {sizes[rel]}); {redo}")
-        if size <= HASHED_BYTES and file_sha256(path) != digest:
+        if rel in rehashed and file_sha256(path) != digest:
             raise PrepChanged(f"{path}: changed since the prep of tile {tile.name} (its SHA-256 differs "
                               f"from the done marker's); {redo}")
