@@ -93,6 +93,16 @@ def assert_same_catalogue(path_a, path_b):
         assert np.array_equal(x, y, equal_nan=equal_nan), f"column {name} differs"
 
 
+def assert_collates_as_reference(run_dir, reference_dir):
+    """`run_dir` is all done and collates to exactly the catalogue of `reference_dir` (the
+    uninterrupted run, collated here if it was not yet)."""
+    assert dre_batch("status", run_dir).returncode == 0
+    assert dre_batch("collate", run_dir).returncode == 0
+    if not flat_path(reference_dir).exists():
+        assert dre_batch("collate", reference_dir).returncode == 0
+    assert_same_catalogue(flat_path(run_dir), flat_path(reference_dir))
+
+
 def chunk_process(tile_index: int, chunk: int, argv_matches):
     """PID of a running process of one chunk (from /proc): its environment holds the chunk's
     ``DRE_TILE`` and ``DRE_ARRAY_INDEX`` and ``argv_matches(argv)`` (a list of bytes) is true."""

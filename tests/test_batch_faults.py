@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
+from batch_helpers import (assert_collates_as_reference, dre_batch, flat_path, local_reference,  # noqa: F401
                            run_with_broken_tile, signal_when_started, sim_tiles, write_config)
 
 pytestmark = pytest.mark.slow
@@ -60,12 +60,7 @@ def test_sigkill_mid_chunk_then_failed_only_gives_the_same_catalogue(tmp_path, s
     new = [json.loads(p.read_text()) for p in sorted((run_dir / "jobs").glob("*.json"))][records_before:]
     assert [(r["stage"], r["tile"], r["indices"]) for r in new] == [("fit", "tile_b", [1])]
     assert {p: p.stat().st_mtime_ns for p in done_before} == done_before   # nothing else ran again
-    assert dre_batch("status", run_dir).returncode == 0
-    assert dre_batch("collate", run_dir).returncode == 0
-    reference_dir = local_reference[0]
-    if not flat_path(reference_dir).exists():
-        assert dre_batch("collate", reference_dir).returncode == 0
-    assert_same_catalogue(flat_path(run_dir), flat_path(reference_dir))
+    assert_collates_as_reference(run_dir, local_reference[0])
 
 
 def test_failed_prep_blocks_its_fits_and_collate_lists_them(tmp_path, sim_tiles):
@@ -134,12 +129,7 @@ def test_prep_products_purged_before_a_fit_are_redone_by_failed_only(tmp_path, l
     redone = {p for p in after if p not in before or after[p] != before[p]}
     assert {p.relative_to(run_dir).as_posix() for p in redone} == {
         "markers/prep/tile_a.done", "markers/fit/tile_a/00000.done", "markers/fit/tile_a/00001.done"}
-    assert dre_batch("status", run_dir).returncode == 0
-    assert dre_batch("collate", run_dir).returncode == 0
-    reference_dir = local_reference[0]
-    if not flat_path(reference_dir).exists():
-        assert dre_batch("collate", reference_dir).returncode == 0
-    assert_same_catalogue(flat_path(run_dir), flat_path(reference_dir))
+    assert_collates_as_reference(run_dir, local_reference[0])
 
 
 def test_a_second_run_refuses_while_one_holds_the_lock(tmp_path, sim_tiles):

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from batch_fixtures import done_chunk, done_prep, make_run, submit
-from batch_helpers import (assert_same_catalogue, dre_batch, flat_path, local_reference,  # noqa: F401
+from batch_helpers import (assert_collates_as_reference, dre_batch, local_reference,  # noqa: F401
                            run_with_broken_tile, signal_when_started, sim_tiles, write_config)
 from dre_hpc.batch import retry
 from dre_hpc.batch import status as st
@@ -336,12 +336,7 @@ def test_local_interrupted_chunk_is_rerun_automatically(tmp_path, sim_tiles, loc
     assert done["attempt"] == 2
     log = (run_dir / "logs" / "fit" / "tile_b" / "00001.log").read_text()
     assert log.count("fit tile_b chunk 1: done") == 1 and "SIGUSR1" in log
-    assert dre_batch("status", run_dir).returncode == 0
-    assert dre_batch("collate", run_dir).returncode == 0
-    reference_dir = local_reference[0]
-    if not flat_path(reference_dir).exists():
-        assert dre_batch("collate", reference_dir).returncode == 0
-    assert_same_catalogue(flat_path(run_dir), flat_path(reference_dir))
+    assert_collates_as_reference(run_dir, local_reference[0])
 
 
 @pytest.mark.slow
