@@ -25,8 +25,6 @@ returns the marker's tile-specific content; writing markers is the worker's job.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ..preprocess.cut_tiles import cut_tile
 from ..preprocess.cuts import CutsOptions
 from ..preprocess.psfex import run_psfex
 from ..preprocess.sextractor import SexOptions, run_sextractor
+from .checkpoint import identity_digest
 from .chunking import n_chunks_for
 from .rundir import RunDir, Tile, file_sha256, remove_path
 
@@ -145,8 +144,7 @@ def product_checksums(rundir: RunDir, tile: Tile) -> dict:
 
 def prep_digest(prep: dict) -> str:
     """SHA-256 of a prep done marker's product checksums: which prep a fit used."""
-    text = json.dumps(prep.get("outputs") or {}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return identity_digest(prep.get("outputs") or {})
 
 
 def check_products(rundir: RunDir, tile: Tile, prep: dict) -> None:
