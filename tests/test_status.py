@@ -86,6 +86,25 @@ def test_latest_submission_wins_and_array_offset(tmp_path):
     assert "left the queue without starting" in items[("fit", "a", 2)].reason
 
 
+def test_a_failed_marker_written_while_the_scheduler_is_asked_gives_its_fields(tmp_path):
+    """A fit without an outcome at the scan whose failed marker appears before the scheduler
+    answers (its job ended meanwhile) carries that marker's attempt, retryable and redo_prep."""
+    rundir = make_run(tmp_path / "run", {"a": 10}, chunks_per_tile=2)
+    done_prep(rundir, "a", 10, 2)
+    submit(rundir, "fit", "a", [0, 1], "101")
+
+    class EndsMeanwhile(Queue):
+        def active(self, job_ids):
+            rundir.write_marker("fit", "a", 0, "failed", {
+                "reason": "products changed", "retryable": False, "redo_prep": True, "attempt": 2,
+                "job_id": "101_0"})
+            return super().active(job_ids)
+
+    item = by_key(st.collect(rundir, EndsMeanwhile()))[("fit", "a", 0)]
+    assert (item.state, item.reason) == ("failed", "products changed")
+    assert (item.attempt, item.retryable, item.redo_prep) == (2, False, True)
+
+
 def test_failed_prep_blocks_its_fits_with_the_reason(tmp_path):
     rundir = make_run(tmp_path / "run", {"a": 10, "b": 10}, chunks_per_tile=2)
     failed(rundir, "prep", "a", None, "SExtractor found no objects")

@@ -185,6 +185,12 @@ def _failed_marker(rundir: RunDir, stage: str, tile: str, k) -> tuple:
     return (str(reason) if reason else f"failed (no reason in {path.name})"), content
 
 
+def _take_failed_fields(item, content: dict) -> None:
+    """Copy what a failed marker says about rerunning onto `item`: attempt, retryable, redo_prep."""
+    item.attempt, item.retryable = attempt_of(content), bool(content.get("retryable"))
+    item.redo_prep = bool(content.get("redo_prep"))
+
+
 def _scheduler_log(scheduler, job) -> str | None:
     """Where the scheduler put the output of `job` ``(job_id, array index)`` (SLURM:
     ``logs/slurm/...``), or None: then the item's dre-batch log is named."""
@@ -246,9 +252,8 @@ class _Collector:
         (`superseded`: it follows that job) or its own job is still finishing and will resubmit
         it (`finishing`); both are settled by asking the scheduler in `resolve`."""
         item.reason, content = _failed_marker(self.rundir, item.stage, item.tile, item.chunk)
-        item.state, item.attempt = "failed", attempt_of(content)
-        item.retryable = bool(content.get("retryable"))
-        item.redo_prep = bool(content.get("redo_prep"))
+        item.state = "failed"
+        _take_failed_fields(item, content)
         position = len(self.items)
         if job is not None and self.scheduler is not None and content.get("job_id") is not None:
             retry_attempt = self.record_attempts.get(key)
@@ -316,7 +321,7 @@ class _Collector:
                 item.state, item.retry = kind, None
                 item.reason = (content or {}).get("reason") if kind == "failed" else None
                 if kind == "failed":
-                    item.attempt, item.retryable = attempt_of(content), bool(content.get("retryable"))
+                    _take_failed_fields(item, content)
             else:
                 template = VANISHED if kind == "started" else NEVER_STARTED
                 item.log = _scheduler_log(self.scheduler, self.unresolved[position]) or item.log
