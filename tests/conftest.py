@@ -32,10 +32,10 @@ def default_cube(default_cube_file):
 
 @pytest.fixture(scope="session")
 def default_models(default_cube, default_cube_file):
-    """CubeModels of the default cube on the CPU backend."""
-    from dre_hpc.fit.tiles import CubeModels
+    """NodeModels of the default cube on the CPU backend, one process."""
+    from dre_hpc.fit.model_matrix import NodeModels
     cube, grid = default_cube
-    return CubeModels(cube, grid, str(default_cube_file))
+    return NodeModels(None, lambda: (cube, grid, str(default_cube_file)))
 
 
 @pytest.fixture(scope="session")

@@ -378,7 +378,7 @@ def test_fit_through_guarded_namespace_equals_numpy(matrices, cutouts, case, mon
     assert isinstance(dev_mm.models, DeviceArray)
     options, rtol = CASES[case]
     if case == "dre-same-blocking":
-        monkeypatch.setattr(dre_kernel, "GPU_BLOCK_ROWS", dre_kernel._block_rows(np, *cpu_mm.models.shape))
+        monkeypatch.setattr(dre_kernel, "GPU_BLOCK_ROWS", dre_kernel._block_rows(np, cpu_mm.n_models, cpu_mm.n_pixels))
     cpu = fit_cutouts(cpu_mm, cutouts, options)
     calls = EVENTS["calls"]
     dev = fit_cutouts(dev_mm, cutouts, options)

@@ -35,7 +35,7 @@ from helpers import gpu_or_skip
 from astropy.table import Table
 from batch_helpers import make_run
 
-from dre_hpc.batch import chunk_fit, fit_job
+from dre_hpc.batch import fit_job
 from dre_hpc.batch.chunk_fit import (DeviceMemoryError, NodeModels, check_device_room,
                                      device_batch_limit, ranks_per_device)
 from dre_hpc.batch.comm import SerialComm
@@ -43,6 +43,7 @@ from dre_hpc.batch.config import load_config
 from dre_hpc.batch.worker import run_stage
 from dre_hpc.errors import BackendError
 from dre_hpc.fit import backend as backend_module
+from dre_hpc.fit import model_matrix
 from dre_hpc.fit.backend import get_backend
 
 from test_device_namespace import EVENTS, DeviceArray, guarded, make_guarded_namespace
@@ -116,7 +117,7 @@ def _stand_in_backend(monkeypatch, namespace):
     def fake(name="cpu", device=None):
         calls.append((name, device))
         return namespace if name == "gpu" else np
-    monkeypatch.setattr(chunk_fit, "get_backend", fake)
+    monkeypatch.setattr(model_matrix, "get_backend", fake)
     monkeypatch.setattr(backend_module, "get_backend", fake)
     return calls
 

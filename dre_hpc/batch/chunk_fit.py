@@ -26,15 +26,11 @@ import resource
 import signal
 import threading
 import time
-from dataclasses import dataclass
-
-import numpy as np
 
 from ..errors import DreError
-from ..fit.backend import get_backend
-from ..fit.engine import ModelMatrix, fit_batch
-from ..fit.tiles import psf_index
-from ..models.convolve import convolve_cube, psf_digest, remove_pixel_response
+from ..fit.engine import fit_batch
+from ..fit.model_matrix import ModelMatrix, NodeModels  # noqa: F401  (NodeModels: the worker's holder)
+from ..fit.units import Unit, phases, plan_units, psf_index  # noqa: F401  (re-exported)
 from ..models.psf import read_psf
 
 RETRYABLE_EXIT = 75                      # EX_TEMPFAIL: interrupted, checkpointed, run it again
@@ -45,89 +41,6 @@ class ChunkInterrupted(DreError):
 
     retryable = True
     exit_code = RETRYABLE_EXIT
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One fitting unit: objects ``first + index`` of the tile (one extension, one batch)."""
-
-    uid: int
-    ext: int
-    first: int                 # tile index of the batch's first object in the chunk's read range
-    stop: int                  # end of that range
-    index: np.ndarray          # positions of the unit's objects within [first, stop)
-
-    @property
-    def size(self) -> int:
-        return int(self.index.size)
-
-
-def plan_units(ext_numbers, lo: int, batch_size: int) -> list:
-    """The units of objects ``lo, lo+1, ...`` with extension numbers `ext_numbers`, sorted by
-    (extension, batch); ``uid`` is the position in that order."""
-    ext = np.asarray(ext_numbers)
-    tile_index = lo + np.arange(ext.size)
-    batch = tile_index // batch_size
-    units = []
-    for value in np.unique(ext):
-        for b in np.unique(batch[ext == value]):
-            first, stop = max(b * batch_size, lo), min((b + 1) * batch_size, lo + ext.size)
-            members = np.flatnonzero((ext == value) & (batch == b)) + lo - first
-            units.append(Unit(len(units), int(value), int(first), int(stop), members))
-    return units
-
-
-def phases(units) -> list:
-    """``[(ext, [units])]`` in extension order."""
-    grouped = {}
-    for unit in units:
-        grouped.setdefault(unit.ext, []).append(unit)
-    return sorted(grouped.items())
-
-
-class NodeModels:
-    """The cube's unique model stamps and their convolution with the current PSF.
-
-    With ``shared`` they live once per node in MPI shared memory: the node's rank 0 reads the cube,
-    every node rank convolves a slice. Otherwise each rank has its own copy. Collective: every rank
-    constructs it and calls `for_psf` with the same PSFs in the same order.
-    """
-
-    def __init__(self, comm, load, backend="cpu", workers=None, psf_has_pixel=True, shared=True):
-        self.comm, self.workers, self.psf_has_pixel = comm, workers, psf_has_pixel
-        self.shared = bool(shared) and comm.size > 1
-        cube, grid, key = load() if (comm.node_rank == 0 or not self.shared) else (None, None, None)
-        if self.shared:
-            grid, key = comm.bcast((grid, key) if comm.rank == 0 else None)
-        self.grid, self.key = grid, key
-        representatives, _ = grid.unique_models()
-        shape = (representatives.size,) + cube_shape(grid)
-        alloc = comm.shared_array if self.shared else np.empty
-        self.unique, self.convolved = alloc(shape, np.float32), alloc(shape, np.float32)
-        if cube is not None:            # straight into place: no temporary copy of the stamps
-            np.take(cube.reshape((grid.size,) + shape[1:]), representatives, axis=0, out=self.unique)
-        del cube
-        comm.barrier()
-        self.xp = get_backend(backend, device=comm.local_rank)
-        self.digest, self.matrix = None, None
-
-    def for_psf(self, psf) -> ModelMatrix:
-        """The models convolved with `psf` (its pixel response removed first when it has one)."""
-        if self.psf_has_pixel:
-            psf = remove_pixel_response(psf)
-        digest = psf_digest(psf)
-        if digest != self.digest:
-            parts, part = (self.comm.node_size, self.comm.node_rank) if self.shared else (1, 0)
-            lo, hi = np.linspace(0, len(self.unique), parts + 1).astype(int)[part:part + 2]
-            convolve_cube(self.unique[lo:hi], psf, workers=self.workers, out=self.convolved[lo:hi])
-            if self.shared:
-                self.comm.barrier()
-            self.digest, self.matrix = digest, ModelMatrix(self.xp, self.grid, self.convolved)
-        return self.matrix
-
-
-def cube_shape(grid) -> tuple:
-    return (grid.boxsize, grid.boxsize)
 
 
 class StopSignals:
@@ -207,18 +120,21 @@ def _assigned(comm, counter, slot, units, schedule, stop):
         yield units[i]
 
 
-def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, checkpoint, policy,
-                stop, schedule="dynamic") -> tuple:
-    """Fit `units` (those not in the checkpoint) with every rank. Returns this rank's
+def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, checkpoint=None,
+                policy=None, stop=None, schedule="dynamic") -> tuple:
+    """Fit `units` (those not in the checkpoint) with every rank: the one fit loop of the ``dre``
+    command (one process, no checkpoint, no stop) and of the dre-batch worker. Returns this rank's
     ``({uid: results}, stats, stopped)``; `stopped` (the same on every rank) when a stop signal
     ended the fit early, after every rank checkpointed its unsaved units."""
+    stop = stop or NoStop()
     groups = phases(units)
     counter = comm.counter(max(len(groups), 1))
     mine, pending, stats = {}, {}, {"units": 0, "objects": 0, "fit_seconds": 0.0, "checkpoints": 0}
+    convolved_before = models.n_convolved
     stopping = False
     for slot, (ext, group) in enumerate(groups):
         mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
-        check_device_room(device_batch_limit(mm.xp, mm.models.shape[1], mm.models.shape[0],
+        check_device_room(device_batch_limit(mm.xp, mm.n_pixels, mm.n_models,
                                              sharing=ranks_per_device(mm.xp, comm.node_size)),
                           group, options.batch_size)
         for unit in _assigned(comm, counter, slot, group, schedule, stop):
@@ -227,7 +143,7 @@ def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, c
             stats["fit_seconds"] += time.perf_counter() - begin
             stats["units"] += 1
             stats["objects"] += unit.size
-            if policy.due(sum(len(r["FLAGS"]) for r in pending.values())):
+            if policy is not None and policy.due(sum(len(r["FLAGS"]) for r in pending.values())):
                 _save(checkpoint, pending, policy, stats)
         comm.barrier()                  # the next phase overwrites the shared convolved models
         stopping = comm.any(stop.received or counter.stopped())
@@ -235,11 +151,18 @@ def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, c
             _save(checkpoint, pending, policy, stats)
             break
     counter.free()          # collective: not after an exception (the job is aborted instead)
-    stats.update(memory_mb(), fit_seconds=round(stats["fit_seconds"], 3))
+    stats.update(memory_mb(), fit_seconds=round(stats["fit_seconds"], 3),
+                 convolutions=models.n_convolved - convolved_before)
     return mine, stats, stopping
 
 
+class NoStop:
+    received = None
+
+
 def _save(checkpoint, pending, policy, stats):
+    if checkpoint is None:
+        return
     if checkpoint.save(pending):
         stats["checkpoints"] += 1
     pending.clear()

@@ -32,12 +32,12 @@ from threadpoolctl import threadpool_limits
 from .. import __version__
 from ..errors import InputError
 from ..fit.engine import FitOptions
-from ..fit.tiles import empty_results
+from ..fit.units import assemble, plan_units
 from ..io.catalog import offsets_from_catalog, read_catalog
 from ..io.cuts import read_cut_objects, read_cuts
 from ..io.outputs import summary_table, write_chi, write_summary
 from .checkpoint import Checkpoint, CheckpointPolicy, identity_digest
-from .chunk_fit import ChunkInterrupted, NodeModels, fit_pending, plan_units
+from .chunk_fit import ChunkInterrupted, NodeModels, NoStop, fit_pending
 from .chunking import chunk_range
 from .comm import SerialComm
 from .prep_job import check_products, prep_digest, tile_products
@@ -58,7 +58,7 @@ def fit_options(config) -> FitOptions:
 def load_models(config, comm) -> NodeModels:
     """The model cube of ``fit.model`` (null: the default cube) for `comm`'s ranks, loaded once per
     process for a given cube, backend, thread count, PSF convention and sharing."""
-    from ..cli.dre import load_cube
+    from ..cli.dre import describe_cube, load_cube
     fit = config["fit"]
     workers = config["resources"]["fit"]["cpus_per_task"]
     key = (fit["model"], fit["backend"], workers, fit["psf_pixel"], fit["shared_models"], id(comm))
@@ -66,7 +66,7 @@ def load_models(config, comm) -> NodeModels:
         _MODELS.clear()
         _MODELS[key] = NodeModels(comm, lambda: load_cube(fit["model"]), backend=fit["backend"],
                                   workers=workers, psf_has_pixel=fit["psf_pixel"] == "included",
-                                  shared=fit["shared_models"])
+                                  shared=fit["shared_models"], describe=lambda: describe_cube(fit["model"]))
     return _MODELS[key]
 
 
@@ -113,16 +113,6 @@ def chunk_identity(config, tile: Tile, bounds: tuple, n_objects: int, prep: dict
                             "prep": prep.get("outputs")})
 
 
-def assemble(units, results: dict, lo: int, hi: int, keep: slice, grid) -> dict:
-    """Columns of objects ``[lo, hi)`` in order from per-unit results, trimmed to `keep`."""
-    if not units:
-        return empty_results(grid)
-    position = np.concatenate([u.first - lo + u.index for u in units])
-    inverse = np.argsort(position)
-    names = results[units[0].uid].keys()
-    return {k: np.concatenate([results[u.uid][k] for u in units])[inverse][keep] for k in names}
-
-
 def provenance(config, tile: Tile, k: int, n_chunks: int, bounds: tuple, psf_rel: str) -> dict:
     """FITS header cards of a chunk table: the dre Summary's cards and the run's provenance."""
     fit = config["fit"]
@@ -157,10 +147,6 @@ def write_chunk(rundir: RunDir, tile: str, k: int, table, names, results, grid, 
                    "bytes": Path(p).stat().st_size} for kind, p in paths.items()}
 
 
-class _NoStop:
-    received = None
-
-
 def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, stop=None):
     """Fit chunk `k` of `tile` (its range from the prep done marker `prep`) with every rank of
     `comm` (default: this process alone) and write its outputs.
@@ -175,7 +161,7 @@ def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, s
     A symbolic link at ``tiles/<tile>`` or ``chunks/<tile>`` (or above) is refused (RunDirError)
     before anything is read or written.
     """
-    comm, stop = comm or SerialComm(), stop or _NoStop()
+    comm, stop = comm or SerialComm(), stop or NoStop()
     for folder in (rundir.tile_dir(tile.name), rundir.chunk_dir(tile.name)):
         rundir.check_inside(folder)              # no link planted there sends outputs elsewhere
     # BLAS results depend on its thread count: pin it, so they do not depend on the launcher
@@ -192,6 +178,7 @@ def _run_fit(rundir, config, tile, k, prep, comm, stop):
     check_products(rundir, tile, prep)      # every rank: the same answer, so none waits for another
     try:
         models = load_models(config, comm)
+        models.use_cache_dir(rundir.model_cache(tile.name))
         work = ChunkWork(rundir, config, tile, k, prep, bounds, models)
         resumed = work.checkpoint.load(work.sizes) if comm.rank == 0 else {}
         done = set(comm.bcast(sorted(resumed)))

@@ -249,6 +249,11 @@ class RunDir:
         """Where the fit of chunk `k` of `tile` keeps its checkpoint files until it is done."""
         return self.chunk_dir(tile) / f"{chunk_label(k)}.ckpt"
 
+    def model_cache(self, tile: str) -> Path:
+        """Where the fits of `tile` keep the models convolved with its PSFs for its next chunks
+        (removed with the tile's chunks: by a new prep and by archive)."""
+        return self.chunk_dir(tile) / "models"
+
     def marker_dir(self, stage: str, tile: str | None = None) -> Path:
         """``markers/prep`` or ``markers/fit/<tile>``."""
         folder = self.root / "markers" / stage

@@ -7,10 +7,13 @@ import logging
 import time
 import warnings
 
+from threadpoolctl import threadpool_limits
+
 from ..errors import InputError
 from ..fit.backend import BACKENDS
 from ..fit.engine import STATISTICS, FitOptions
-from ..fit.tiles import CubeModels, TileJob, fit_tile, list_cuts_files
+from ..fit.model_matrix import NodeModels
+from ..fit.tiles import TileJob, fit_tile, list_cuts_files
 from ..flags import FitFlag
 from ..io.cuts import COMPRESSION
 from .common import run_main
@@ -34,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "into Mosaics/<img>/")
     p.add_argument("--mosaics-dir", default="Mosaics", help="where --mosaics go (default: Mosaics)")
     p.add_argument("--mosaic-png", action="store_true", help="also write each mosaic as PNG")
-    p.add_argument("--cpu", type=int, default=1, help="threads for the cube convolution (default: 1); "
-                   "BLAS threads follow OMP_NUM_THREADS")
+    p.add_argument("--cpu", type=int, default=1, help="threads for the cube convolution and the matrix "
+                   "products (default: 1; results depend on it in the last bits, as dre-batch's on "
+                   "resources.fit.cpus_per_task)")
     p.add_argument("--chunk", type=int, default=256, help="objects fitted together in one batch (default: 256)")
     p.add_argument("--catalogs", default="Sextracted", help="directory with the SExtractor catalogues "
                    "joined to the summary and used for positions (default: Sextracted)")
@@ -68,6 +72,26 @@ def load_cube(model_path):
     return cube, grid, f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def describe_cube(model_path):
+    """(grid, cache key) of ``-m`` or of the default cube, from the headers alone."""
+    from pathlib import Path
+
+    from astropy.io import fits
+
+    from ..io.fits_check import check_fits
+    from ..models.cube_io import first_image_hdu, grid_header
+    from ..models.generate import ensure_default_cube
+    from ..models.grid import ModelGrid
+    path = Path(model_path) if model_path else ensure_default_cube()
+    if not path.is_file():
+        raise InputError(f"model cube {path} not found")
+    check_fits(path, f"cannot read model cube {path} as FITS")
+    with fits.open(path, memmap=True) as hdul:
+        header = grid_header(hdul[0].header, first_image_hdu(hdul, path).header)
+    stat = path.stat()
+    return ModelGrid.from_header(header, source=str(path)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def drive(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.warn:
@@ -86,13 +110,14 @@ def drive(argv=None) -> int:
                   mosaic_png=args.mosaic_png, zero_point=args.zero_point, compression=args.compression,
                   backend=args.backend, workers=args.cpu, options=options)
     files = list_cuts_files(args.input)
-    cube, grid, key = load_cube(args.model)
-    models = CubeModels(cube, grid, key, backend=args.backend, workers=args.cpu,
+    models = NodeModels(None, lambda: load_cube(args.model), backend=args.backend, workers=args.cpu,
                         psf_has_pixel=args.psf_pixel == "included")
     start, total = time.perf_counter(), 0
-    for k, cuts_file in enumerate(files, 1):
-        log.info("(%d/%d) %s", k, len(files), cuts_file)
-        total += fit_tile(models, cuts_file, job)["objects"]
+    # BLAS results depend on its thread count: pinned, as the dre-batch worker pins it
+    with threadpool_limits(limits=args.cpu, user_api="blas"):
+        for k, cuts_file in enumerate(files, 1):
+            log.info("(%d/%d) %s", k, len(files), cuts_file)
+            total += fit_tile(models, cuts_file, job)["objects"]
     log.info("done: %d objects in %d file(s), %.1f s", total, len(files), time.perf_counter() - start)
     return 0
 

@@ -28,14 +28,6 @@ def _lanczos_taps(xp, frac, order=LANCZOS_ORDER):
     return w / w.sum(axis=1, keepdims=True), t.astype(xp.int64)
 
 
-def _gather(xp, images, index, axis):
-    """images[n, ..., index[n, i], ...] along ``axis`` (1 = rows, 2 = columns), edge-clamped."""
-    size = images.shape[axis]
-    index = xp.clip(index, 0, size - 1)
-    shape = (index.shape[0], size, 1) if axis == 1 else (index.shape[0], 1, size)
-    return xp.take_along_axis(images, index.reshape(shape), axis=axis)
-
-
 def _shift_axis(xp, images, delta, axis, squared=False):
     """Resample every image so that out[x] = in[x + delta] along one axis (Lanczos-3), edge-clamped.
 
@@ -74,11 +66,25 @@ def _shift_axis(xp, images, delta, axis, squared=False):
     return out
 
 
-def _shift_nearest(xp, images, delta, axis):
-    """out[x] = in[x + round(delta)] along one axis, edge-clamped (for masks)."""
-    coords = xp.arange(images.shape[axis], dtype=xp.int64)
-    index = coords[None, :] + xp.rint(delta).astype(xp.int64)[:, None]
-    return _gather(xp, images, index, axis)
+def shift_nearest(xp, images, delta, axis):
+    """out[x] = in[x + round(delta)] along one axis, edge-clamped (for masks): objects that share
+    the rounded shift are done together, each a slice of an edge-padded copy."""
+    shift = to_host(xp.rint(delta)).astype(np.int64)
+    if not shift.any():
+        return images
+    size = images.shape[axis]
+    pad = [(0, 0)] * images.ndim
+    lo, hi = int(max(-shift.min(), 0)), int(max(shift.max(), 0))
+    pad[axis] = (lo, hi)
+    padded = xp.pad(images, pad, mode="edge")
+    out = xp.empty_like(images)
+    for s in np.unique(shift):
+        window = [slice(None)] * images.ndim
+        window[axis] = slice(int(s) + lo, int(s) + lo + size)
+        sel = np.flatnonzero(shift == s)
+        window[0] = xp.asarray(sel) if sel.size < shift.size else slice(None)
+        out[xp.asarray(sel) if sel.size < shift.size else slice(None)] = padded[tuple(window)]
+    return out
 
 
 def variance_factor(xp, offsets):
@@ -120,5 +126,5 @@ def centre_cutouts(xp, data, rms, mask, bad, offsets):
         var = _shift_axis(xp, var, delta, axis, squared=True)
         if any_bad:
             badf = _shift_axis(xp, badf, delta, axis)
-        mask = _shift_nearest(xp, mask, delta, axis)
+        mask = shift_nearest(xp, mask, delta, axis)
     return data, xp.sqrt(var), mask, xp.abs(badf) > 1e-3

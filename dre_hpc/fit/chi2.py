@@ -1,13 +1,14 @@
 """The fit statistics, written once against an array namespace ``xp`` (NumPy or CuPy).
 
-Shapes: a batch of N objects with P pixels each; the convolved model matrix ``models`` is
-(K, P) for K unique models, unit total flux each.
+Shapes: a group of N objects with P pixels each (the first P radial pixels of the stamp, see
+`model_matrix`); the convolved model matrix ``models`` is pixel-major (P, K) for K unique models,
+unit total flux each.
 
 * ``wls``: weighted least squares with the amplitude solved per model (clamped at >= 0).
-  With A = (w d) @ M^T, B = w @ (M^2)^T and C = sum w d^2, the minimum over the amplitude is
+  With A = (w d) @ M, B = w @ M^2 and C = sum w d^2, the minimum over the amplitude is
   chi2_k = C - max(A_k, 0)^2 / B_k: two matrix products per batch, in float32. The chosen
-  model is re-checked among the best candidates in float64 (direct residual sum), because the
-  float32 difference loses digits at high S/N.
+  model is re-checked among the best candidates with A, B and C summed in float64, because the
+  float32 difference loses digits at high S/N (float64 keeps 9 digits of chi2 at S/N 10^4).
 * ``dre``: the original DRE statistic (flux matching inside the mask and a model-dependent
   variance), computed over the mask's pixels only and vectorised over the models.
 """
@@ -24,7 +25,7 @@ def wls_chi2(xp, data, weights, models, models_sq):
     Parameters
     ----------
     data, weights : (N, P) float32 arrays; weights are 1/variance, 0 outside the usable mask.
-    models, models_sq : (K, P) float32 arrays: the models and their element-wise squares.
+    models, models_sq : (P, K) float32 arrays: the models and their element-wise squares.
 
     Returns
     -------
@@ -32,8 +33,8 @@ def wls_chi2(xp, data, weights, models, models_sq):
     amplitude : (N, K) float32, the best non-negative amplitude of each model.
     """
     wd = weights * data
-    a = wd @ models.T
-    b = weights @ models_sq.T
+    a = wd @ models
+    b = weights @ models_sq
     c = (wd * data).sum(axis=1, dtype=xp.float64).astype(xp.float32)
     has_flux = b > 0
     safe_b = xp.where(has_flux, b, 1)
@@ -49,7 +50,9 @@ def amplitude_error(xp, b):
 
 
 def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
-    """Pick the best model among the float32 top candidates with an exact float64 residual sum.
+    """Pick the best model among the float32 top candidates with chi-squares summed in float64.
+
+    ``models`` is the (P, K) pixel-major matrix of `wls_chi2`.
 
     Returns
     -------
@@ -61,45 +64,43 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     k = min(candidates, n_models)
     top = xp.argsort(chi2, axis=1)[:, :k] if k == n_models else \
         xp.argpartition(chi2, k - 1, axis=1)[:, :k]
-    d = data.astype(xp.float64)
     w = weights.astype(xp.float64)
-    wd = w * d
-    chi = xp.empty((n_obj, k))
-    amp = xp.empty((n_obj, k))
-    b = xp.empty((n_obj, k))
-    for j in range(k):                       # one (N, P) float64 slab at a time bounds memory
-        m = models[top[:, j]].astype(xp.float64)
-        b[:, j] = (w * m * m).sum(axis=1)
-        safe = xp.where(b[:, j] > 0, b[:, j], 1)
-        amp[:, j] = xp.where(b[:, j] > 0, xp.maximum((wd * m).sum(axis=1), 0) / safe, 0)
-        resid = d - amp[:, j, None] * m
-        chi[:, j] = xp.where(b[:, j] > 0, (w * resid * resid).sum(axis=1), xp.inf)
+    wd = w * data.astype(xp.float64)
+    c = (wd * data).sum(axis=1)
+    # every candidate column in one pass over the rows (a row-wise gather reads each row once)
+    cand = xp.take(models, top.T.ravel(), axis=1)                           # (P, k * N)
+    chi, amp, b = (xp.empty((n_obj, k)) for _ in range(3))
+    for j in range(k):
+        m = cand[:, j * n_obj:(j + 1) * n_obj]                              # (P, N): object i's column i
+        a = xp.einsum("ip,pi->i", wd, m)
+        b[:, j] = xp.einsum("ip,pi,pi->i", w, m, m)
+        has_flux = b[:, j] > 0
+        amp[:, j] = xp.where(has_flux, xp.maximum(a, 0) / xp.where(has_flux, b[:, j], 1), 0)
+        # C - A^2/B in float64: the cancellation that float32 cannot afford costs nothing here
+        chi[:, j] = xp.where(has_flux, c - amp[:, j] * xp.maximum(a, 0), xp.inf)
     pick = xp.argmin(chi, axis=1)
     rows = xp.arange(n_obj)
     b_best = b[rows, pick]
     return top[rows, pick], chi[rows, pick], amp[rows, pick], amplitude_error(xp, b_best)
 
 
-def dre_chi_one(xp, data, rms, pixels, models, models_t=None):
+def dre_chi_one(xp, data, rms, pixels, models):
     """The original DRE statistic of one object against every model, on the mask's pixels.
 
     ``s_k = sum_S d / sum_S m_k``; ``chi_k = mean_S (d - s_k m_k)^2 / (s_k m_k + rms^2)`` over
     the finite terms (the original's nanmean). Float32 terms and block sums, float64 across
-    blocks; computed on the transposed (P, K) model matrix in cache-sized blocks of pixels
+    blocks; computed on the pixel-major (P, K) model matrix in cache-sized blocks of pixels
     (see `dre_kernel`); models whose sum is not finite are redone in float64.
 
     Parameters
     ----------
     data, rms : (P,) float32 arrays of the object (flattened cutout), finite on ``pixels``.
     pixels : (S,) int array, flat indices of the mask's usable pixels.
-    models : (K, P) float32 convolved models.
-    models_t : optional (P, K) C-contiguous copy of ``models.T``; made once and cached if omitted.
+    models : (P, K) float32 C-contiguous pixel-major convolved models.
 
     Returns
     -------
     chi : (K,) float32 (NaN where undefined); scale : (K,) float32 (the s_k).
     """
-    from .dre_kernel import dre_chi_t, transposed_models
-    if models_t is None:
-        models_t = transposed_models(xp, models)
-    return dre_chi_t(xp, data, rms, pixels, models_t)
+    from .dre_kernel import dre_chi_t
+    return dre_chi_t(xp, data, rms, pixels, models)

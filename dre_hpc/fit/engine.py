@@ -14,12 +14,24 @@ import numpy as np
 from ..errors import DreError
 from ..flags import UNFITTED, CutFlag, FitFlag
 from .backend import to_host
-from .centering import centre_cutouts, variance_factor
+from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_factor
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
+from .model_matrix import ModelMatrix
 from .refine import refined_flux, window_cells
 from .summary import posterior_weights, summarize
 
 STATISTICS = ("wls", "dre")
+#: Largest group of objects sharing one pair of matrix products (see `product_groups`).
+MAX_GROUP = 256
+#: Fraction of its peak rate a float32 product (g, n) @ (n, K) reaches with g rows (OpenBLAS,
+#: one core, measured for n ~ 1000, K ~ 2300) and the fixed cost of a group in seconds: the cost
+#: model by which `product_groups` trades padding rows against small, slow products.
+GEMM_EFFICIENCY = ((1, 0.05), (2, 0.1), (4, 0.25), (8, 0.44), (16, 0.59), (32, 0.68), (64, 0.75),
+                   (128, 0.88), (256, 0.95))
+GROUP_OVERHEAD_S = 2e-4
+PEAK_FLOPS = 1e11
+#: Pixels a Lanczos shift reads beyond its output, besides the integer part of the offset.
+LANCZOS_MARGIN = LANCZOS_ORDER + 1
 
 
 @dataclass(frozen=True)
@@ -41,81 +53,153 @@ class FitOptions:
             raise DreError(f"batch size must be >= 1, got {self.batch_size}")
 
 
-class ModelMatrix:
-    """The unique convolved models of a grid as a (K, P) float32 matrix on the backend ``xp``."""
+def clean_cutouts(cuts):
+    """Host arrays of a batch with bad pixels neutralised (copied only then), and the input flags.
 
-    def __init__(self, xp, grid, convolved_unique):
-        self.representatives, self.inverse = grid.unique_models()
-        k = self.representatives.size
-        if convolved_unique.shape[0] != k:
-            raise DreError(f"expected {k} unique convolved models, got {convolved_unique.shape[0]}")
-        self.xp, self.grid = xp, grid
-        self.host = np.ascontiguousarray(convolved_unique, dtype=np.float32)
-        self.models = xp.asarray(self.host.reshape(k, -1))
-
-    def stamp(self, full_index: int) -> np.ndarray:
-        """The convolved model (B, B) of a full-grid cell, on the host."""
-        return self.host[self.inverse[full_index]]
-
-
-def prepare_cutouts(xp, cuts, options):
-    """Clean, centre and weight a batch. Returns device arrays d, w (N, P), usable mask and host flags."""
-    data = np.array(cuts.data, dtype=np.float32)
-    rms = np.array(cuts.rms, dtype=np.float32)
+    Returns data, rms (N, B, B) float32 (0 and 1 where not finite or rms <= 0), mask, bad (bool),
+    offsets (N, 2) (0 where unknown) and flags (N,) int.
+    """
+    data = np.asarray(cuts.data, dtype=np.float32)
+    rms = np.asarray(cuts.rms, dtype=np.float32)
     mask = np.asarray(cuts.mask, dtype=bool)
-    nonfinite = ~np.isfinite(data) | ~np.isfinite(rms)
-    bad_rms = np.isfinite(rms) & (rms <= 0)
-    flags = np.where((nonfinite & mask).any(axis=(1, 2)), int(FitFlag.NONFINITE_INPUT), 0)
-    flags |= np.where((bad_rms & mask).any(axis=(1, 2)), int(FitFlag.BAD_RMS), 0)
-    flags |= np.where(~mask.any(axis=(1, 2)), int(FitFlag.EMPTY_MASK), 0)
-    bad = nonfinite | bad_rms
-    data[bad], rms[bad] = 0.0, 1.0
-    offsets = cuts.offsets
+    bad = np.zeros(data.shape, dtype=bool)
+    flags = np.where(~mask.any(axis=(1, 2)), int(FitFlag.EMPTY_MASK), 0)
+    sound = np.isfinite(data).all(axis=(1, 2)) & (rms > 0).all(axis=(1, 2)) & np.isfinite(rms).all(axis=(1, 2))
+    suspect = np.flatnonzero(~sound)                 # rare: only these are looked at pixel by pixel
+    if suspect.size:
+        data, rms = data.copy(), rms.copy()
+        d, r, m = data[suspect], rms[suspect], mask[suspect]
+        nonfinite = ~np.isfinite(d) | ~np.isfinite(r)
+        bad_rms = np.isfinite(r) & (r <= 0)
+        flags[suspect] |= np.where((nonfinite & m).any(axis=(1, 2)), int(FitFlag.NONFINITE_INPUT), 0)
+        flags[suspect] |= np.where((bad_rms & m).any(axis=(1, 2)), int(FitFlag.BAD_RMS), 0)
+        bad[suspect] = nonfinite | bad_rms
+        d[bad[suspect]], r[bad[suspect]] = 0.0, 1.0
+        data[suspect], rms[suspect] = d, r
+    offsets = np.asarray(cuts.offsets, dtype=np.float64)
     unknown = ~np.isfinite(offsets).all(axis=1)
     flags |= np.where(unknown, int(FitFlag.NO_CENTRE), 0)
     padded = (cuts.objects["CUT_FLAGS"] & int(CutFlag.PADDED)) != 0
     flags |= np.where(padded, int(FitFlag.CUT_PADDED), 0)
+    offsets = np.where(unknown[:, None], 0.0, offsets)
+    return data, rms, mask, bad, offsets, flags
+
+
+def footprint_extent(mm, mask, offsets, centre: bool) -> np.ndarray:
+    """(N,) number of radial rows that reach every pixel of each object's mask once centred."""
+    if centre:
+        for axis in (1, 2):
+            mask = shift_nearest(np, mask, offsets[:, axis - 1], axis)
+    if not len(mask):
+        return np.zeros(0, np.int64)
+    rank1 = (mm.rank + 1).astype(np.uint16 if mm.n_pixels < 2 ** 16 else np.int64)
+    return (mask.reshape(len(mask), -1) * rank1).max(axis=1).astype(np.int64)
+
+
+def product_groups(extent, n_models: int, max_group: int = MAX_GROUP) -> list:
+    """Objects sorted by footprint (then position) and cut into groups that share one pair of
+    products over the largest footprint among them: a dynamic programme over the cut points that
+    minimises the modelled time (`GEMM_EFFICIENCY`, `GROUP_OVERHEAD_S`), so similar footprints go
+    together in large, fast products. Depends only on the batch, not on chunks or ranks."""
+    order = np.lexsort((np.arange(extent.size), extent))
+    e = np.maximum(extent[order], 1).astype(np.float64)
+    n = e.size
+    sizes, effs = (np.array(v, dtype=np.float64) for v in zip(*GEMM_EFFICIENCY))
+    best, cut = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
+    for j in range(1, n + 1):
+        start = np.arange(max(0, j - max_group), j)
+        rows = j - start
+        eff = np.interp(np.log(rows), np.log(sizes), effs)
+        cost = best[start] + 4.0 * rows * e[j - 1] * n_models / (eff * PEAK_FLOPS) + GROUP_OVERHEAD_S
+        k = int(np.argmin(cost))
+        best[j], cut[j] = cost[k], start[k]
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+@dataclass
+class Group:
+    """One product group: (g, n) backend arrays over the first n radial pixels."""
+
+    index: np.ndarray          # positions in the batch
+    n: int
+    d: object
+    w: object
+    rms: object
+    usable: object
+    npix: np.ndarray           # host (g,)
+
+
+def prepare_group(xp, mm, clean, index, n: int, centre: bool, min_pixels: int) -> Group:
+    """Centre the objects `index` of a cleaned batch inside the window that holds the first `n`
+    radial pixels (a margin wide enough for the Lanczos kernel: the kept pixels are exactly those
+    of a whole-stamp shift) and gather those pixels into radial order."""
+    data, rms, mask, bad, offsets, _ = clean
+    box = mm.grid.boxsize
+    c, h = box // 2, int(np.ceil(mm.radius[n - 1])) if n else 0
+    margin = LANCZOS_MARGIN + int(np.ceil(np.abs(offsets[index]).max(initial=0.0)))
+    y0, y1 = max(c - h - margin, 0), min(c + h + margin + 1, box)
+    window = (index, slice(y0, y1), slice(y0, y1))
+    d, r, m, b = (xp.asarray(a[window]) for a in (data, rms, mask, bad))
+    if centre:
+        d, r, m, b = centre_cutouts(xp, d, r, m, b, xp.asarray(offsets[index]))
+    py, px = np.divmod(mm.order[:n], box)
+    rel = xp.asarray((py - y0) * (y1 - y0) + (px - y0))
+    g = len(index)
+    d, r = d.reshape(g, -1)[:, rel], r.reshape(g, -1)[:, rel]
+    usable = (m & ~b).reshape(g, -1)[:, rel]
+    npix = to_host(usable.sum(axis=1))
+    w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32)
+    w[xp.asarray(npix < min_pixels)] = 0
+    return Group(index, n, d, w, r, usable, npix)
+
+
+def prepare_cutouts(xp, cuts, options):
+    """Whole stamps as the fit sees them (for displays such as the report's gallery): the pixels
+    `prepare_group` keeps have exactly these values. Returns d, w, rms, usable (N, P) in stamp
+    order on the backend, and the host npix, flags and variance factor of the centring."""
+    data, rms, mask, bad, offsets, flags = clean_cutouts(cuts)
+    centre = bool(options.centre and np.any(offsets != 0))
     d, r, m, b = (xp.asarray(a) for a in (data, rms, mask, bad))
-    shrink = xp.ones(d.shape[0], dtype=xp.float64)   # how the shift scaled the noise variance
-    if options.centre and np.any(np.nan_to_num(offsets) != 0):
-        off = xp.asarray(np.where(unknown[:, None], 0.0, offsets))
-        d, r, m, b = centre_cutouts(xp, d, r, m, b, off)
-        shrink = variance_factor(xp, off)
-    usable = m & ~b
-    n = d.shape[0]
-    w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32).reshape(n, -1)
-    npix = to_host(usable.reshape(n, -1).sum(axis=1))
+    if centre:
+        d, r, m, b = centre_cutouts(xp, d, r, m, b, xp.asarray(offsets))
+    n = len(flags)
+    usable = (m & ~b).reshape(n, -1)
+    npix = to_host(usable.sum(axis=1))
     flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
+    r = r.reshape(n, -1)
+    w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32)
     w[xp.asarray(npix < options.min_pixels)] = 0
-    return d.reshape(n, -1), w, r.reshape(n, -1), usable.reshape(n, -1), npix, flags, shrink
+    shrink = variance_factor(np, offsets) if centre else np.ones(n)
+    return d.reshape(n, -1), w, r, usable, npix, flags, shrink
 
 
-def _fit_wls(xp, mm, d, w):
-    # Pixels with zero weight for every object of the batch add nothing: the products run over the
-    # union of the batch's usable pixels only (typically a tenth of the stamp).
-    used = xp.flatnonzero((w > 0).any(axis=0))
-    d, w = d[:, used], w[:, used]
-    models = mm.models[:, used]
-    chi2, amp_all = wls_chi2(xp, d, w, models, models * models)
-    best, chi2_best, amp, err = recheck_wls(xp, d, w, models, chi2)
+def _fit_wls(xp, mm, grp):
+    models = mm.models[:grp.n]
+    chi2, amp_all = wls_chi2(xp, grp.d, grp.w, models, mm.models_sq[:grp.n])
+    best, chi2_best, amp, err = recheck_wls(xp, grp.d, grp.w, models, chi2)
     surface = chi2.astype(xp.float64)
-    surface[xp.arange(d.shape[0]), best] = chi2_best      # exact value at the chosen model
+    surface[xp.arange(grp.d.shape[0]), best] = chi2_best      # exact value at the chosen model
     return best, chi2_best, amp, err, surface, surface, amp_all
 
 
-def _fit_dre(xp, mm, d, w, rms, usable, npix):
-    n, k = d.shape[0], mm.models.shape[0]
-    stat = xp.full((n, k), xp.nan, dtype=xp.float32)
-    scale = xp.zeros((n, k), dtype=xp.float32)
-    for i in np.flatnonzero(npix > 0):
-        pixels = xp.flatnonzero(usable[i])
-        stat[i], scale[i] = dre_chi_one(xp, d[i], rms[i], pixels, mm.models)
+def _fit_dre(xp, mm, grp):
+    g, k = grp.d.shape[0], mm.n_models
+    stat = xp.full((g, k), xp.nan, dtype=xp.float32)
+    scale = xp.zeros((g, k), dtype=xp.float32)
+    for i in np.flatnonzero(grp.npix > 0):
+        pixels = xp.flatnonzero(grp.usable[i])
+        if pixels.size:
+            stat[i], scale[i] = dre_chi_one(xp, grp.d[i], grp.rms[i], pixels, mm.models[:grp.n])
     finite = xp.isfinite(stat)
     best = xp.argmin(xp.where(finite, stat, xp.inf), axis=1)
-    amp = scale[xp.arange(n), best].astype(xp.float64)
-    chi2_best, err = _chi2_and_error(xp, mm.models[best], amp, d, w)
+    amp = scale[xp.arange(g), best].astype(xp.float64)
+    chi2_best, err = _chi2_and_error(xp, mm.columns(best, grp.n), amp, grp.d, grp.w)
     stat = stat.astype(xp.float64)
-    surface = xp.where(finite, stat * xp.asarray(npix)[:, None], xp.inf)
+    surface = xp.where(finite, stat * xp.asarray(grp.npix)[:, None], xp.inf)
     return best, chi2_best, amp, err, surface, xp.where(finite, stat, xp.inf), scale
 
 
@@ -139,20 +223,55 @@ def poisson_weights(xp, models, amp, w_sky, rms, gain):
     return xp.where(w_sky > 0, 1.0 / var, 0.0).astype(xp.float32)
 
 
+def _fit_group(mm, grp, options, shrink):
+    """The statistic of one group: best, chi2_best, amp, err, chi2 (g, K), stat (g, K), amp (g, K)."""
+    xp = mm.xp
+    if options.statistic == "wls":
+        out = _fit_wls(xp, mm, grp)
+        if options.gain:
+            grp.w = poisson_weights(xp, mm.columns(out[0], grp.n), out[2], grp.w, grp.rms,
+                                    options.gain / shrink[grp.index])
+            out = _fit_wls(xp, mm, grp)
+        return out
+    best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_dre(xp, mm, grp)
+    if options.gain:                  # the statistic has its own variance; CHI2 and errors use this
+        grp.w = poisson_weights(xp, mm.columns(best, grp.n), amp, grp.w, grp.rms,
+                                options.gain / shrink[grp.index])
+        chi2_best, err = _chi2_and_error(xp, mm.columns(best, grp.n), amp, grp.d, grp.w)
+    return best, chi2_best, amp, err, chi2_u, stat_u, amp_u
+
+
+def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
+    """The statistic of every object of a batch against every unique model, group by group.
+
+    Returns backend arrays (best, chi2_best, amp, err, chi2 (N, K), stat (N, K), amp (N, K)), the
+    host (N,) usable pixel counts and flags.
+    """
+    xp = mm.xp
+    clean = clean_cutouts(cuts)
+    offsets, flags = clean[4], clean[5]
+    centre = bool(options.centre and np.any(offsets != 0))
+    shrink = variance_factor(np, offsets) if centre else np.ones(len(flags))
+    extent = footprint_extent(mm, clean[2], offsets, centre)
+    n_obj, k = len(flags), mm.n_models
+    out = [xp.zeros(n_obj, dtype=xp.int64), *(xp.zeros(n_obj) for _ in range(3)),
+           *(xp.zeros((n_obj, k)) for _ in range(2)), xp.zeros((n_obj, k), dtype=xp.float32)]
+    npix = np.zeros(n_obj, dtype=np.int64)
+    for index in product_groups(extent, k):
+        n = max(int(extent[index].max()), 1)
+        grp = prepare_group(xp, mm, clean, index, n, centre, options.min_pixels)
+        npix[index] = grp.npix
+        rows = xp.asarray(index)
+        for target, value in zip(out, _fit_group(mm, grp, options, shrink)):
+            target[rows] = value
+    flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
+    return (*out, npix, flags)
+
+
 def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     """Fit one batch of cutouts; return host arrays: catalogue columns and ``SURFACE`` (N, grid.size)."""
     xp, grid = mm.xp, mm.grid
-    d, w, rms, usable, npix, flags, shrink = prepare_cutouts(xp, cuts, options)
-    if options.statistic == "wls":
-        best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_wls(xp, mm, d, w)
-        if options.gain:
-            w = poisson_weights(xp, mm.models[best], amp, w, rms, options.gain / shrink)
-            best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_wls(xp, mm, d, w)
-    else:
-        best, chi2_best, amp, err, chi2_u, stat_u, amp_u = _fit_dre(xp, mm, d, w, rms, usable, npix)
-        if options.gain:              # the statistic has its own variance; CHI2 and errors use this
-            w = poisson_weights(xp, mm.models[best], amp, w, rms, options.gain / shrink)
-            chi2_best, err = _chi2_and_error(xp, mm.models[best], amp, d, w)
+    best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = fit_statistic(mm, cuts, options)
     inverse = xp.asarray(mm.inverse)
     chi2_full = to_host(chi2_u[:, inverse])
     stat_full = to_host(stat_u[:, inverse])
@@ -162,14 +281,15 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     dof = np.maximum(npix - n_free, 1)
     if options.statistic == "wls":
         stat_full = stat_full / dof[:, None]
-    cols = summarize(grid, chi2_full, stat_full, best_full)
+    posterior = posterior_weights(chi2_full)
+    cols = summarize(grid, chi2_full, stat_full, best_full, posterior)
     cells, best_uv = window_cells(grid, mm.inverse, best_full)
     cells_d = xp.asarray(cells)
     flux, var_ln_shape = refined_flux(to_host(xp.take_along_axis(chi2_u, cells_d, axis=1)),
                         to_host(xp.take_along_axis(amp_u, cells_d, axis=1)).astype(np.float64),
                         best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
-                FLUX=flux, FLUX_ERR=_flux_error(flux, to_host(err), var_ln_shape, chi2_full,
+                FLUX=flux, FLUX_ERR=_flux_error(flux, to_host(err), var_ln_shape, posterior,
                                                  to_host(amp_u[:, inverse])))
     no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
     flags |= np.where(no_model, int(FitFlag.FIT_FAILED), 0)
@@ -181,14 +301,13 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     return cols
 
 
-def _flux_error(flux, err_fixed, var_ln_shape, chi2_full, amp_full):
+def _flux_error(flux, err_fixed, var_ln_shape, p, amp_full):
     """Flux error: the fixed-shape error plus the part due to the shape's uncertainty.
 
     Radius, axis ratio and flux are degenerate, so the fixed-shape error alone is too small. The
     shape part is propagated through the local chi-square quadratic (`refined_flux`) where it has
     a minimum, else taken as the spread of the amplitude over the grid posterior exp(-dchi2/2).
     """
-    p = posterior_weights(chi2_full)
     mean = (p * amp_full).sum(axis=1)
     var_post = np.maximum((p * amp_full ** 2).sum(axis=1) - mean ** 2, 0.0)
     var_shape = np.where(np.isfinite(var_ln_shape), flux ** 2 * var_ln_shape, var_post)

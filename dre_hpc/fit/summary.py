@@ -19,12 +19,19 @@ import numpy as np
 from ..flags import FitFlag
 
 
+#: Largest chi-square difference whose posterior weight is kept: exp(-700) is the last normal
+#: double (beyond it exp returns slow subnormals that no sum of weights >= 1 can see).
+MAX_DELTA_CHI2 = 1400.0
+
+
 def posterior_weights(chi2_full):
     """exp(-(chi2 - min) / 2) per object, normalised; rows without a finite value are all zero."""
     finite = np.isfinite(chi2_full)
     low = np.min(np.where(finite, chi2_full, np.inf), axis=1, keepdims=True)
     delta = np.where(finite, chi2_full - np.where(np.isfinite(low), low, 0), np.inf)
+    np.minimum(delta, MAX_DELTA_CHI2, out=delta)
     p = np.exp(-0.5 * delta)
+    p[delta >= MAX_DELTA_CHI2] = 0.0
     total = p.sum(axis=1, keepdims=True)
     return np.where(total > 0, p / np.where(total > 0, total, 1), 0.0)
 
@@ -105,7 +112,7 @@ def edge_flags(grid, model_idx):
     return flags
 
 
-def summarize(grid, chi2_full, stat_full, best_full):
+def summarize(grid, chi2_full, stat_full, best_full, posterior=None):
     """Catalogue columns of a batch.
 
     Parameters
@@ -114,6 +121,7 @@ def summarize(grid, chi2_full, stat_full, best_full):
     chi2_full : (N, grid.size) float64, chi-square surface for the posterior weights.
     stat_full : (N, grid.size) float64, the statistic's own surface (CHI and the original's columns).
     best_full : (N,) int, flat full-grid index of the chosen model.
+    posterior : optional (N, grid.size) `posterior_weights` of ``chi2_full`` (computed if omitted).
     """
     model_idx = np.stack(np.unravel_index(best_full, grid.shape), axis=1)
     params = grid.parameters(best_full)
@@ -127,6 +135,6 @@ def summarize(grid, chi2_full, stat_full, best_full):
     (cols["LOGR_CHI"], cols["LOGR_VAR"],
      cols["LOGR_CHI_VAR"]) = original_radius_statistics(grid, stat_full, params["LOGR"])
     cols["LOGR_PARAB"], cols["LOGR_STD"] = radius_parabola(grid, stat_full, model_idx)
-    cols.update(surface_moments(grid, posterior_weights(chi2_full)))
+    cols.update(surface_moments(grid, posterior if posterior is not None else posterior_weights(chi2_full)))
     cols["EDGE_FLAGS"] = edge_flags(grid, model_idx)
     return cols

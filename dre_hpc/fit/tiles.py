@@ -1,7 +1,10 @@
 """Fit every cuts file of a directory: the work behind the ``dre`` command.
 
-For each ``<img>_cuts.h5``: find its PSF, convolve the cube once per PSF (cached), fit the objects
-in batches, write ``Summary/<img>_dre.fits``, ``Chi/<img>_chi.h5`` and optionally mosaics.
+For each ``<img>_cuts.h5``: find its PSF, convolve the cube once per PSF extension, fit the objects
+in the tile's fitting units (`units`) through the same loop as the dre-batch worker
+(`batch.chunk_fit.fit_pending`, one process), write ``Summary/<img>_dre.fits``,
+``Chi/<img>_chi.h5`` and optionally mosaics. The same inputs and options give the same numbers
+as a dre-batch run.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from ..errors import InputError
 from ..io.catalog import find_catalog, offsets_from_catalog, read_catalog
 from ..io.cuts import read_cuts
 from ..io.outputs import mosaic_panels, summary_table, write_chi, write_mosaic, write_summary
-from ..models.convolve import ConvolvedCubeCache, remove_pixel_response
+from ..batch.chunk_fit import fit_pending
+from ..batch.comm import SerialComm
 from ..models.psf import image_stem, psf_path_for_image, read_psf
-from .backend import get_backend
-from .engine import FitOptions, ModelMatrix, fit_cutouts
+from .engine import FitOptions
+from .model_matrix import NodeModels
+from .units import assemble, phases, plan_units, psf_index
 
 log = logging.getLogger(__name__)
 CUTS_SUFFIX = "_cuts.h5"
@@ -58,31 +63,7 @@ def list_cuts_files(cuts) -> list:
     return files
 
 
-def psf_index(ext_number: int) -> int:
-    """PSFEx HDU (0-based among PSF HDUs) of a cut: SExtractor's EXT_NUMBER is 1-based; 0 means none."""
-    return max(int(ext_number) - 1, 0)
-
-
-class CubeModels:
-    """A model cube and its convolutions, shared by every tile of a run (one copy per process)."""
-
-    def __init__(self, cube, grid, cube_key, backend="cpu", workers=None, psf_has_pixel=True):
-        self.grid, self.key, self.workers = grid, cube_key, workers
-        self.psf_has_pixel = psf_has_pixel
-        representatives, _ = grid.unique_models()
-        self.unique = np.ascontiguousarray(cube.reshape((grid.size,) + cube.shape[-2:])[representatives])
-        self.xp = get_backend(backend)
-        self.cache = ConvolvedCubeCache(max_entries=1)
-
-    def for_psf(self, psf) -> ModelMatrix:
-        """The models convolved with ``psf`` (its pixel response removed first when it has one)."""
-        if self.psf_has_pixel:
-            psf = remove_pixel_response(psf)
-        convolved = self.cache.get(self.key, self.unique, psf, workers=self.workers)
-        return ModelMatrix(self.xp, self.grid, convolved)
-
-
-def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
+def fit_tile(models: NodeModels, cuts_file: Path, job: TileJob) -> dict:
     """Fit one cuts file and write its outputs. Returns counts for the log."""
     name = cuts_file.name[: -len(CUTS_SUFFIX)] if cuts_file.name.endswith(CUTS_SUFFIX) else image_stem(cuts_file)
     psf_file = psf_path_for_image(job.psf, name)
@@ -109,36 +90,20 @@ def fit_tile(models: CubeModels, cuts_file: Path, job: TileJob) -> dict:
 
 
 def _fit_by_extension(models, cuts, psf_file, name, job):
-    """Fit the objects of each image extension with that extension's PSF (convolved once each) and
-    write their mosaics while its models are at hand. Returns results in input order, fit seconds."""
-    ext = cuts.objects["EXT_NUMBER"]
-    parts, order, seconds = [], [], 0.0
-    for value in np.unique(ext):
-        index = np.flatnonzero(ext == value)
-        mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(value)))
-        sub = cuts.subset(index)
-        start = time.perf_counter()
-        parts.append(fit_cutouts(mm, sub, job.options))
-        seconds += time.perf_counter() - start
-        order.append(index)
-        if job.mosaics_dir:
-            _write_mosaics(mm, sub, parts[-1], name, job)
-    if not parts:
-        return empty_results(models.grid), seconds
-    inverse = np.argsort(np.concatenate(order))
-    return {k: np.concatenate([p[k] for p in parts])[inverse] for k in parts[0]}, seconds
-
-
-def empty_results(grid) -> dict:
-    """The result columns of `fit_cutouts` for zero objects (``SURFACE`` sized for `grid`)."""
-    f = np.zeros(0)
-    names = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD", "INDEX",
-             "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN", "INDEX_ERR",
-             "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN", "LOGR_ERR"]
-    cols = {n: f for n in names}
-    cols.update(MODEL_IDX=np.zeros((0, 4), np.int16), DOF=np.zeros(0, np.int64), NPIX=np.zeros(0, np.int64),
-                FLAGS=np.zeros(0, np.int64), SURFACE=np.zeros((0, grid.size), np.float32))
-    return cols
+    """Fit the tile's units, extension by extension with that extension's PSF, and write their
+    mosaics. Returns results in input order and the fit seconds."""
+    units = plan_units(cuts.objects["EXT_NUMBER"], 0, job.options.batch_size)
+    start = time.perf_counter()
+    results, _, _ = fit_pending(SerialComm(), models, units, lambda u: cuts.subset(u.first + u.index),
+                                psf_file, job.options)
+    seconds = time.perf_counter() - start
+    columns = assemble(units, results, 0, len(cuts), slice(0, len(cuts)), models.grid)
+    if job.mosaics_dir:
+        for ext, _ in phases(units):
+            index = np.flatnonzero(cuts.objects["EXT_NUMBER"] == ext)
+            mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
+            _write_mosaics(mm, cuts.subset(index), {k: v[index] for k, v in columns.items()}, name, job)
+    return columns, seconds
 
 
 def _write_mosaics(mm, cuts, results, name, job):

@@ -24,7 +24,7 @@ from ..batch.prep_job import tile_products
 from ..batch.rundir import RunDir
 from ..errors import DreError
 from ..fit.engine import prepare_cutouts, poisson_weights
-from ..fit.tiles import psf_index
+from ..fit.units import psf_index
 from ..io.catalog import offsets_from_catalog, read_catalog
 from ..io.cuts import CutoutSet, read_cuts
 from ..io.fits_check import check_fits

@@ -1,0 +1,243 @@
+"""The convolved models as the fit reads them, and the one holder that makes them per PSF.
+
+Layout (`ModelMatrix`): pixel-major ``(P, K)`` float32, the rows (stamp pixels) in *radial order*,
+the nearest to the model centre first, with the element-wise squares beside it. A galaxy's usable
+pixels (its mask, after centring on the model centre) lie inside a disc, so the products of an
+object read a contiguous prefix of rows ``models[:n]``: no per-batch gather of K x P columns, no
+per-batch squares, and the original statistic reads the same rows (no transposed copy).
+
+`NodeModels` is the holder used by the ``dre`` command and by the dre-batch worker alike: the
+cube's unique stamps and their convolution with the current PSF, written straight into the layout
+above. With an MPI communicator the arrays live once per node in shared memory (node rank 0 reads
+the cube; every node rank convolves a slice); with a ``cache_dir`` the convolved models of each
+(cube, PSF) are kept on disk as ``.npy`` so that the next job of the same tile loads them instead
+of reading the cube and convolving it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DreError
+from ..models.convolve import ALGORITHM_VERSION, convolve_cube, psf_digest, remove_pixel_response
+from .backend import get_backend
+
+log = logging.getLogger(__name__)
+
+#: Stamps convolved per block before they are scattered into the pixel-major matrix.
+CONVOLVE_BLOCK = 64
+LAYOUT_VERSION = "radial-v1"
+
+
+def radial_order(boxsize: int) -> np.ndarray:
+    """Flat stamp indices sorted by distance from the model centre ``(B // 2, B // 2)`` (stable)."""
+    c = boxsize // 2
+    y, x = np.mgrid[:boxsize, :boxsize]
+    return np.argsort(((y - c) ** 2 + (x - c) ** 2).ravel(), kind="stable")
+
+
+def to_pixel_major(stamps, order, out=None) -> np.ndarray:
+    """(K, B, B) stamps -> (P, K) float32 with rows in ``order`` (into `out` when given)."""
+    flat = np.asarray(stamps, dtype=np.float32).reshape(len(stamps), -1)
+    if out is None:
+        out = np.empty((flat.shape[1], flat.shape[0]), dtype=np.float32)
+    out[...] = flat[:, order].T
+    return out
+
+
+class ModelMatrix:
+    """The unique convolved models of a grid on the backend ``xp``, pixel-major in radial order.
+
+    Attributes
+    ----------
+    models, models_sq : (P, K) float32 backend arrays; row i is stamp pixel ``order[i]``.
+    order : (P,) flat stamp index of each row; ``rank`` its inverse; ``radius`` the distance of
+        each row's pixel from the model centre (non-decreasing).
+    representatives, inverse : the grid's unique models (`ModelGrid.unique_models`).
+    host : the (P, K) host array of ``models``.
+    """
+
+    def __init__(self, xp, grid, models_t, models_sq_t=None):
+        self.representatives, self.inverse = grid.unique_models()
+        k, p = self.representatives.size, grid.boxsize * grid.boxsize
+        if tuple(models_t.shape) != (p, k):
+            raise DreError(f"expected a ({p}, {k}) pixel-major model matrix, got {tuple(models_t.shape)}")
+        self.xp, self.grid = xp, grid
+        self.order = radial_order(grid.boxsize)
+        self.rank = np.empty_like(self.order)
+        self.rank[self.order] = np.arange(p)
+        c = grid.boxsize // 2
+        self.radius = np.hypot(*np.divmod(self.order, grid.boxsize) - np.array([[c], [c]]))
+        self.host = models_t
+        self.models = xp.asarray(models_t)
+        if models_sq_t is None:
+            models_sq_t = xp.multiply(self.models, self.models)
+        self.models_sq = xp.asarray(models_sq_t)
+
+    @property
+    def n_models(self) -> int:
+        return int(self.models.shape[1])
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.models.shape[0])
+
+    def stamp(self, full_index: int) -> np.ndarray:
+        """The convolved model (B, B) of a full-grid cell, on the host."""
+        flat = np.empty(self.n_pixels, dtype=np.float32)
+        flat[self.order] = self.host[:, self.inverse[full_index]]
+        return flat.reshape(self.grid.boxsize, self.grid.boxsize)
+
+    def columns(self, unique_index, n: int):
+        """(N, n) backend array: the first `n` radial pixels of the models `unique_index` (N,)."""
+        return self.models[:n][:, unique_index].T
+
+
+class NodeModels:
+    """A model cube's unique stamps and their convolution with the current PSF (see the module).
+
+    Parameters
+    ----------
+    comm : `dre_hpc.batch.comm` communicator, or None for one process.
+    load : callable returning ``(cube, grid, key)``; called (on node rank 0) only when the stamps
+        are needed: a cache miss, or no ``describe``.
+    describe : optional callable returning ``(grid, key)`` without reading the cube: then the cube
+        is read on the first convolution, and not at all when the disk cache has every PSF.
+    cache_dir : optional directory of the on-disk cache of convolved models (pixel-major ``.npy``);
+        `use_cache_dir` changes it (e.g. per tile).
+    Collective: every rank constructs it and calls `for_psf` with the same PSFs in the same order.
+    """
+
+    def __init__(self, comm, load, backend="cpu", workers=None, psf_has_pixel=True, shared=True,
+                 describe=None, cache_dir=None):
+        if comm is None:
+            from ..batch.comm import SerialComm
+            comm = SerialComm()
+        self.comm, self.workers, self.psf_has_pixel, self._load = comm, workers, psf_has_pixel, load
+        self.shared = bool(shared) and comm.size > 1
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._stamps = None
+        lead = comm.node_rank == 0 or not self.shared
+        cube = None
+        if describe is not None:
+            grid, key = describe() if lead else (None, None)
+        else:
+            cube, grid, key = load() if lead else (None, None, None)
+        if self.shared:
+            grid, key = comm.bcast((grid, key) if comm.rank == 0 else None)
+        self.grid, self.key = grid, key
+        k, p = grid.unique_models()[0].size, grid.boxsize * grid.boxsize
+        alloc = comm.shared_array if self.shared else np.empty
+        self.convolved, self.convolved_sq = alloc((p, k), np.float32), alloc((p, k), np.float32)
+        self.order = radial_order(grid.boxsize)
+        if describe is None:
+            self._take_stamps(cube)
+        del cube
+        comm.barrier()
+        self.xp = get_backend(backend, device=comm.local_rank)
+        self.digest, self.matrix = None, None
+        self.n_convolved = 0                 # convolutions run by this process (cache hits do not count)
+
+    def _take_stamps(self, cube=None):
+        """The unique stamps (K, B, B), once per node when shared (collective); node rank 0 reads
+        the cube unless it is given."""
+        representatives, _ = self.grid.unique_models()
+        shape = (representatives.size, self.grid.boxsize, self.grid.boxsize)
+        stamps = (self.comm.shared_array if self.shared else np.empty)(shape, np.float32)
+        if self.comm.node_rank == 0 or not self.shared:
+            if cube is None:
+                cube, _, _ = self._load()
+            # straight into place: no temporary copy of the stamps
+            np.take(cube.reshape((self.grid.size,) + shape[1:]), representatives, axis=0, out=stamps)
+        if self.shared:
+            self.comm.barrier()
+        self._stamps = stamps
+
+    def use_cache_dir(self, cache_dir) -> None:
+        """Keep and look for convolved models in `cache_dir` (None: no disk cache) from now on."""
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+
+    def for_psf(self, psf) -> ModelMatrix:
+        """The models convolved with `psf` (its pixel response removed first when it has one)."""
+        if self.psf_has_pixel:
+            psf = remove_pixel_response(psf)
+        digest = psf_digest(psf)
+        if digest != self.digest:
+            if not self._load_cached(digest):
+                self._convolve(psf, digest)
+            self.digest = digest
+            self.matrix = ModelMatrix(self.xp, self.grid, self.convolved, self.convolved_sq)
+        return self.matrix
+
+    def _cache_path(self, digest):
+        if self.cache_dir is None:
+            return None
+        text = f"{ALGORITHM_VERSION}|{LAYOUT_VERSION}|{self.key}|{digest}"
+        return self.cache_dir / f"models-{hashlib.sha256(text.encode()).hexdigest()[:32]}.npy"
+
+    def _load_cached(self, digest) -> bool:
+        """Fill the arrays from the disk cache; True on a hit (the same answer on every rank)."""
+        path = self._cache_path(digest)
+        hit = False
+        if path is not None and (self.comm.node_rank == 0 or not self.shared):
+            hit = _read_npy(path, self.convolved)
+            if hit:
+                np.multiply(self.convolved, self.convolved, out=self.convolved_sq)
+        if self.shared:
+            hit = self.comm.bcast(hit if self.comm.rank == 0 else None)
+            self.comm.barrier()
+        return hit
+
+    def _convolve(self, psf, digest):
+        parts, part = (self.comm.node_size, self.comm.node_rank) if self.shared else (1, 0)
+        lo, hi = np.linspace(0, self.convolved.shape[1], parts + 1).astype(int)[part:part + 2]
+        if self._stamps is None:
+            self._take_stamps()
+        for start in range(lo, hi, CONVOLVE_BLOCK):
+            stop = min(start + CONVOLVE_BLOCK, hi)
+            block = convolve_cube(self._stamps[start:stop], psf, workers=self.workers)
+            cols = self.convolved[:, start:stop]
+            to_pixel_major(block, self.order, out=cols)
+            np.multiply(cols, cols, out=self.convolved_sq[:, start:stop])
+        self.n_convolved += 1
+        if self.shared:
+            self.comm.barrier()
+        path = self._cache_path(digest)
+        if path is not None and self.comm.rank == 0:
+            _write_npy(path, self.convolved)
+
+
+def _read_npy(path: Path, out: np.ndarray) -> bool:
+    """Read a cached matrix into `out`; False (with a warning for a damaged file) when unusable."""
+    if not path.is_file():
+        return False
+    try:
+        arr = np.load(path, mmap_mode="r")
+        if arr.shape != out.shape or arr.dtype != out.dtype:
+            raise ValueError(f"shape {arr.shape} {arr.dtype}, expected {out.shape} {out.dtype}")
+        out[...] = arr
+        return True
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring convolved-model cache file %s (%s)", path, exc)
+        return False
+
+
+def _write_npy(path: Path, arr: np.ndarray) -> None:
+    """Write through a temporary name and rename; a failure only costs the next job a convolution."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, arr)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write convolved-model cache file %s (%s); continuing", path, exc)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

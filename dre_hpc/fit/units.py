@@ -1,0 +1,79 @@
+"""Fitting units: the fixed batches that make a fit's numbers independent of how it is run.
+
+A batched fit's floating-point results depend on the batch's composition (BLAS blocking, the
+product groups of `engine.fit_statistic`), so the unit of work is fixed by the tile: a *unit* is
+the objects of one image extension within one tile-global batch ``[b*B, (b+1)*B)``
+(B = the batch size). The ``dre`` command and every dre-batch chunk, rank and attempt fit the same
+units, so they give the same numbers bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One fitting unit: objects ``first + index`` of the tile (one extension, one batch)."""
+
+    uid: int
+    ext: int
+    first: int                 # tile index of the batch's first object in the read range
+    stop: int                  # end of that range
+    index: np.ndarray          # positions of the unit's objects within [first, stop)
+
+    @property
+    def size(self) -> int:
+        return int(self.index.size)
+
+
+def plan_units(ext_numbers, lo: int, batch_size: int) -> list:
+    """The units of objects ``lo, lo+1, ...`` with extension numbers `ext_numbers`, sorted by
+    (extension, batch); ``uid`` is the position in that order."""
+    ext = np.asarray(ext_numbers)
+    tile_index = lo + np.arange(ext.size)
+    batch = tile_index // batch_size
+    units = []
+    for value in np.unique(ext):
+        for b in np.unique(batch[ext == value]):
+            first, stop = max(b * batch_size, lo), min((b + 1) * batch_size, lo + ext.size)
+            members = np.flatnonzero((ext == value) & (batch == b)) + lo - first
+            units.append(Unit(len(units), int(value), int(first), int(stop), members))
+    return units
+
+
+def phases(units) -> list:
+    """``[(ext, [units])]`` in extension order."""
+    grouped = {}
+    for unit in units:
+        grouped.setdefault(unit.ext, []).append(unit)
+    return sorted(grouped.items())
+
+
+def psf_index(ext_number: int) -> int:
+    """PSFEx HDU (0-based among PSF HDUs) of a cut: SExtractor's EXT_NUMBER is 1-based; 0 means none."""
+    return max(int(ext_number) - 1, 0)
+
+
+def assemble(units, results: dict, lo: int, hi: int, keep: slice, grid) -> dict:
+    """Columns of objects ``[lo, hi)`` in order from per-unit results, trimmed to `keep`."""
+    if not units:
+        return empty_results(grid)
+    position = np.concatenate([u.first - lo + u.index for u in units])
+    inverse = np.argsort(position)
+    names = results[units[0].uid].keys()
+    return {k: np.concatenate([results[u.uid][k] for u in units])[inverse][keep] for k in names}
+
+
+def empty_results(grid) -> dict:
+    """The result columns of `engine.fit_batch` for zero objects (``SURFACE`` sized for `grid`)."""
+    f = np.zeros(0)
+    names = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD", "INDEX",
+             "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN", "INDEX_ERR",
+             "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN", "LOGR_ERR"]
+    cols = {n: f for n in names}
+    cols.update(MODEL_IDX=np.zeros((0, 4), np.int16), DOF=np.zeros(0, np.int64), NPIX=np.zeros(0, np.int64),
+                FLAGS=np.zeros(0, np.int64), SURFACE=np.zeros((0, grid.size), np.float32))
+    return cols
