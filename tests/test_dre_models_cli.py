@@ -89,3 +89,51 @@ def test_runs_as_a_module(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dre_hpc.cli.dre_models"],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "-o/--output" in missing.stderr
+
+
+def tiny_default():
+    from dre_hpc.models.grid import Axis
+    return ModelGrid(Axis("INDEX", 4.0, 0.0, 1), Axis("AX_RATIO", 0.5, 0.5, 2),
+                     Axis("ANGLE", 0.0, 90.0, 2), Axis("LOGR", 0.0, 0.5, 2), boxsize=16,
+                     has_index_axis=False)
+
+
+def test_preset_and_workers(tmp_path, monkeypatch, capsys):
+    """--preset takes a preset's grid (here from a tiny patched default grid); --workers does not
+    change the file; --preset without -o makes the cached cube and prints its path."""
+    from dre_hpc.models import generate
+    monkeypatch.setattr(ModelGrid, "default", classmethod(lambda cls: tiny_default()))
+    monkeypatch.setenv("DRE_HPC_CACHE", str(tmp_path / "cache"))
+    one, two = tmp_path / "w1.fits", tmp_path / "w2.fits"
+    assert main(["--preset", "sersic", "--workers", "1", "-o", str(one)]) == 0
+    assert main(["--preset", "sersic", "--workers", "2", "-o", str(two)]) == 0
+    assert one.read_bytes() == two.read_bytes()
+    _, grid = read_cube(one)
+    assert grid == generate.sersic_grid() and grid.shape == (12, 2, 2, 2)
+    assert main(["--preset", "bulge", "-o", str(tmp_path / "b.fits")]) == 0
+    assert read_cube(tmp_path / "b.fits")[1] == tiny_default()
+    capsys.readouterr()
+    assert main(["--preset", "sersic"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert printed == str(generate.resolve_model("sersic"))
+    assert fits.getdata(printed).tobytes() == fits.getdata(one).tobytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "sersic", "--index", "1", "1", "2"], "--preset sersic sets the whole grid; it "
+     "cannot be combined with --index"),
+    (["--preset", "bulge", "--boxsize", "64", "--logr", "0", "1", "2"], "with --logr, --boxsize"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--workers", "two"], "--workers must be a whole number, got 'two'"),
+])
+def test_preset_and_workers_errors(tmp_path, capsys, args, message):
+    out = tmp_path / "cube.fits"
+    assert main(args + ["-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dre-models: error: ") and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_output_is_required_without_preset(capsys):
+    assert main(SMALL) == 2
+    assert "-o/--output is required (or --preset NAME alone" in capsys.readouterr().err

@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags = "; ".join(f"{v} {n}" for v, n, _ in FitFlag.describe())
     p = argparse.ArgumentParser(prog="dre", description="Fit galaxy cutouts with a grid of PSF-convolved "
                                 "Sersic models (DRE).", epilog=f"FLAGS bits: {flags}")
-    p.add_argument("-m", "--model", help="model cube FITS file (default: the default cube, generated on "
-                   "first use into the user cache)")
+    p.add_argument("-m", "--model", help="model cube FITS file, or a preset: bulge (the default: the "
+                   "original's n = 4 grid) or sersic (a Sersic-index axis n = 0.5..6), generated on first "
+                   "use into the user cache")
     p.add_argument("--psf", default="PSF", help="directory with <img>.psf per image, or one .psf/.fits "
                    "for all images (default: PSF)")
     p.add_argument("-i", "--input", default="Cuts", help="directory with <img>_cuts.h5 files, or one file "
@@ -62,11 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_cube(model_path):
     """(cube, grid, cache key) of ``-m`` or of the default cube."""
-    from pathlib import Path
-
     from ..models.cube_io import read_cube
-    from ..models.generate import ensure_default_cube
-    path = Path(model_path) if model_path else ensure_default_cube()
+    from ..models.generate import resolve_model
+    path = resolve_model(model_path)
     cube, grid = read_cube(path)
     stat = path.stat()
     return cube, grid, f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
@@ -74,17 +73,13 @@ def load_cube(model_path):
 
 def describe_cube(model_path):
     """(grid, cache key) of ``-m`` or of the default cube, from the headers alone."""
-    from pathlib import Path
-
     from astropy.io import fits
 
     from ..io.fits_check import check_fits
     from ..models.cube_io import first_image_hdu, grid_header
-    from ..models.generate import ensure_default_cube
+    from ..models.generate import resolve_model
     from ..models.grid import ModelGrid
-    path = Path(model_path) if model_path else ensure_default_cube()
-    if not path.is_file():
-        raise InputError(f"model cube {path} not found")
+    path = resolve_model(model_path)
     check_fits(path, f"cannot read model cube {path} as FITS")
     with fits.open(path, memmap=True) as hdul:
         header = grid_header(hdul[0].header, first_image_hdu(hdul, path).header)
