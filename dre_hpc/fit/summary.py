@@ -25,47 +25,67 @@ MAX_DELTA_CHI2 = 1400.0
 
 
 def posterior_weights(chi2_full):
-    """exp(-(chi2 - min) / 2) per object, normalised; rows without a finite value are all zero."""
-    finite = np.isfinite(chi2_full)
-    low = np.min(np.where(finite, chi2_full, np.inf), axis=1, keepdims=True)
-    delta = np.where(finite, chi2_full - np.where(np.isfinite(low), low, 0), np.inf)
-    np.minimum(delta, MAX_DELTA_CHI2, out=delta)
-    p = np.exp(-0.5 * delta)
-    p[delta >= MAX_DELTA_CHI2] = 0.0
+    """exp(-(chi2 - min) / 2) per object, normalised; rows without a finite value are all zero.
+
+    Computed in place in one (N, cells) buffer; weights below exp(-MAX_DELTA_CHI2 / 2) are 0."""
+    low = np.fmin.reduce(chi2_full, axis=1) if chi2_full.shape[1] else np.zeros(len(chi2_full))
+    low = np.where(np.isfinite(low), low, 0.0)
+    p = np.subtract(chi2_full, low[:, None])
+    p *= -0.5
+    keep = p > -0.5 * MAX_DELTA_CHI2               # False for inf and NaN too
+    np.maximum(p, -0.5 * MAX_DELTA_CHI2, out=p)
+    np.exp(p, out=p)
+    np.copyto(p, 0.0, where=~keep)
     total = p.sum(axis=1, keepdims=True)
-    return np.where(total > 0, p / np.where(total > 0, total, 1), 0.0)
+    p /= np.where(total > 0, total, 1.0)
+    return p
 
 
 def surface_moments(grid, p):
-    """Posterior means and errors of every grid parameter; the angle as a 180-degree circular quantity."""
+    """Posterior means and errors of every grid parameter; the angle as a 180-degree circular quantity.
+
+    One matrix product ``p @ V`` gives every moment at once (V: each axis's values and squares,
+    cos and sin of twice the angle), so the (N, cells) posterior is read once.
+    """
     out = {}
-    cells = np.meshgrid(*(a.values for a in grid.axes), indexing="ij")
+    cells = [v.ravel() for v in np.meshgrid(*(a.values for a in grid.axes), indexing="ij")]
+    columns = []
     for axis, values in zip(grid.axes, cells):
-        values = values.ravel()
-        floor2 = axis.step ** 2 / 12.0 if axis.count > 1 else 0.0
         if axis.name == "ANGLE":
-            phase = np.exp(2j * np.deg2rad(values))
-            z = p @ phase
+            columns += [np.cos(2 * np.deg2rad(values)), np.sin(2 * np.deg2rad(values))]
+        else:
+            columns += [values, values * values]
+    moments = p @ np.stack(columns, axis=1)
+    col = 0
+    for axis in grid.axes:
+        floor2 = axis.step ** 2 / 12.0 if axis.count > 1 else 0.0
+        first, second = moments[:, col], moments[:, col + 1]
+        col += 2
+        if axis.name == "ANGLE":
+            z = first + 1j * second
             mean = np.mod(np.rad2deg(np.angle(z)) / 2.0, 180.0)
             resultant = np.clip(np.abs(z), 1e-300, 1.0)
             spread = np.rad2deg(np.sqrt(-2.0 * np.log(resultant)) / 2.0)
             out["ANGLE_MEAN"], out["ANGLE_ERR"] = mean, np.sqrt(spread ** 2 + floor2)
         else:
-            mean = p @ values
-            var = np.maximum(p @ values ** 2 - mean ** 2, 0.0)
-            out[f"{axis.name}_MEAN"], out[f"{axis.name}_ERR"] = mean, np.sqrt(var + floor2)
+            var = np.maximum(second - first ** 2, 0.0)
+            out[f"{axis.name}_MEAN"], out[f"{axis.name}_ERR"] = first, np.sqrt(var + floor2)
     return out
 
 
 def original_radius_statistics(grid, chi_full, best_logr):
-    """LOGR_CHI, LOGR_VAR, LOGR_CHI_VAR of the original: 1/chi-weighted radius moments over the cube."""
+    """LOGR_CHI, LOGR_VAR, LOGR_CHI_VAR of the original: 1/chi-weighted radius moments over the cube.
+
+    The weights 1/chi are broad, so the moments come from one product ``w @ [1, r, r^2]`` (the
+    variance as E[r^2] - E[r]^2 loses nothing here)."""
     radius = np.broadcast_to(10.0 ** grid.logr.values, grid.shape).ravel()
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(np.isfinite(chi_full), 1.0 / chi_full, 0.0)
-        norm = inv.sum(axis=1)
-        r_chi = (inv @ radius) / norm
-        r_var = (inv * (radius[None, :] - 10.0 ** best_logr[:, None]) ** 2).sum(axis=1) / norm
-        r_chi_var = (inv * (radius[None, :] - r_chi[:, None]) ** 2).sum(axis=1) / norm
+        norm, m1, m2 = (inv @ np.stack([np.ones_like(radius), radius, radius * radius], axis=1)).T
+        r_chi = m1 / norm
+        best = 10.0 ** best_logr
+        r_var = np.maximum(m2 / norm - 2 * best * r_chi + best * best, 0.0)
+        r_chi_var = np.maximum(m2 / norm - r_chi * r_chi, 0.0)
         return np.log10(r_chi), np.log10(r_var), np.log10(r_chi_var)
 
 
