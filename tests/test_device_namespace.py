@@ -48,7 +48,7 @@ def _refuse(what):
 
 
 class _MemoryPointer:
-    """Like cupy.cuda.MemoryPointer: only ``ptr`` (used by dre_kernel to identify a buffer)."""
+    """Like cupy.cuda.MemoryPointer: only ``ptr``."""
 
     def __init__(self, ptr):
         self.ptr = ptr
@@ -106,7 +106,7 @@ class DeviceArray:
     """A NumPy array posing as a cupy.ndarray: explicit transfers only (see the module docstring)."""
 
     __array_ufunc__ = None             # NumPy ufuncs and binary operators defer to us, and we refuse
-    base = None                        # as a fresh CuPy allocation (dre_kernel._identity reads it)
+    base = None                        # as a fresh CuPy allocation
 
     def __init__(self, array):
         assert isinstance(array, np.ndarray)

@@ -84,23 +84,25 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     return top[rows, pick], chi[rows, pick], amp[rows, pick], amplitude_error(xp, b_best)
 
 
-def dre_chi_one(xp, data, rms, pixels, models):
+def dre_chi_one(xp, data, rms, pixels, models, row_min=None):
     """The original DRE statistic of one object against every model, on the mask's pixels.
 
     ``s_k = sum_S d / sum_S m_k``; ``chi_k = mean_S (d - s_k m_k)^2 / (s_k m_k + rms^2)`` over
     the finite terms (the original's nanmean). Float32 terms and block sums, float64 across
     blocks; computed on the pixel-major (P, K) model matrix in cache-sized blocks of pixels
-    (see `dre_kernel`); models whose sum is not finite are redone in float64.
+    (see `dre_kernel`); models whose sum is not finite, or whose denominator can cancel (a negative
+    model pixel, found through ``row_min``), are redone in float64.
 
     Parameters
     ----------
     data, rms : (P,) float32 arrays of the object (flattened cutout), finite on ``pixels``.
-    pixels : (S,) int array, flat indices of the mask's usable pixels.
+    pixels : (S,) int array, the mask's usable pixels (rows of ``models``), ascending.
     models : (P, K) float32 C-contiguous pixel-major convolved models.
+    row_min : optional (P,) minimum of each row of ``models`` (`ModelMatrix.row_min`).
 
     Returns
     -------
     chi : (K,) float32 (NaN where undefined); scale : (K,) float32 (the s_k).
     """
     from .dre_kernel import dre_chi_t
-    return dre_chi_t(xp, data, rms, pixels, models)
+    return dre_chi_t(xp, data, rms, pixels, models, row_min=row_min)

@@ -193,7 +193,8 @@ def _fit_dre(xp, mm, grp):
     for i in np.flatnonzero(grp.npix > 0):
         pixels = xp.flatnonzero(grp.usable[i])
         if pixels.size:
-            stat[i], scale[i] = dre_chi_one(xp, grp.d[i], grp.rms[i], pixels, mm.models[:grp.n])
+            stat[i], scale[i] = dre_chi_one(xp, grp.d[i], grp.rms[i], pixels, mm.models[:grp.n],
+                                            mm.row_min[:grp.n])
     finite = xp.isfinite(stat)
     best = xp.argmin(xp.where(finite, stat, xp.inf), axis=1)
     amp = scale[xp.arange(g), best].astype(xp.float64)

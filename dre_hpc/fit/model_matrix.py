@@ -81,6 +81,15 @@ class ModelMatrix:
         self.models_sq = xp.asarray(models_sq_t)
 
     @property
+    def row_min(self):
+        """(P,) minimum of each row over the models (the ``dre`` kernel's test for terms whose
+        denominator can cancel), made on first use."""
+        if getattr(self, "_row_min", None) is None:
+            from .dre_kernel import model_row_min
+            self._row_min = model_row_min(self.xp, self.models)
+        return self._row_min
+
+    @property
     def n_models(self) -> int:
         return int(self.models.shape[1])
 
