@@ -67,13 +67,15 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES):
     w = weights.astype(xp.float64)
     wd = w * data.astype(xp.float64)
     c = (wd * data).sum(axis=1)
-    # every candidate column in one pass over the rows (a row-wise gather reads each row once)
+    # every candidate column in one pass over the rows (a row-wise gather reads each row once),
+    # and the objects' weights pixel-major too, so that every product below runs along rows
     cand = xp.take(models, top.T.ravel(), axis=1)                           # (P, k * N)
+    w_t, wd_t = xp.ascontiguousarray(w.T), xp.ascontiguousarray(wd.T)       # (P, N)
     chi, amp, b = (xp.empty((n_obj, k)) for _ in range(3))
     for j in range(k):
         m = cand[:, j * n_obj:(j + 1) * n_obj]                              # (P, N): object i's column i
-        a = xp.einsum("ip,pi->i", wd, m)
-        b[:, j] = xp.einsum("ip,pi,pi->i", w, m, m)
+        a = xp.einsum("pi,pi->i", wd_t, m)
+        b[:, j] = xp.einsum("pi,pi,pi->i", w_t, m, m)
         has_flux = b[:, j] > 0
         amp[:, j] = xp.where(has_flux, xp.maximum(a, 0) / xp.where(has_flux, b[:, j], 1), 0)
         # C - A^2/B in float64: the cancellation that float32 cannot afford costs nothing here

@@ -257,14 +257,18 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
     n_obj, k = len(flags), mm.n_models
     out = [xp.zeros(n_obj, dtype=xp.int64), *(xp.zeros(n_obj) for _ in range(3)),
            *(xp.zeros((n_obj, k)) for _ in range(2)), xp.zeros((n_obj, k), dtype=xp.float32)]
+    same_surface = options.statistic == "wls"          # wls's own surface is its chi-square
+    if same_surface:
+        out[5] = out[4]
     npix = np.zeros(n_obj, dtype=np.int64)
     for index in product_groups(extent, k):
         n = max(int(extent[index].max()), 1)
         grp = prepare_group(xp, mm, clean, index, n, centre, options.min_pixels)
         npix[index] = grp.npix
         rows = xp.asarray(index)
-        for target, value in zip(out, _fit_group(mm, grp, options, shrink)):
-            target[rows] = value
+        for i, value in enumerate(_fit_group(mm, grp, options, shrink)):
+            if not (same_surface and i == 5):
+                out[i][rows] = value
     flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
     return (*out, npix, flags)
 
@@ -275,7 +279,7 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = fit_statistic(mm, cuts, options)
     inverse = xp.asarray(mm.inverse)
     chi2_full = to_host(chi2_u[:, inverse])
-    stat_full = to_host(stat_u[:, inverse])
+    stat_full = chi2_full if stat_u is chi2_u else to_host(stat_u[:, inverse])
     best_unique = to_host(best)
     best_full = mm.representatives[best_unique].astype(np.int64)
     n_free = 1 + sum(a.count > 1 for a in grid.axes)
