@@ -32,9 +32,7 @@ from threadpoolctl import threadpool_limits
 from .. import __version__
 from ..errors import InputError
 from ..fit.engine import FitOptions
-from ..fit.units import assemble, plan_units
-from ..io.catalog import offsets_from_catalog, read_catalog
-from ..io.cuts import read_cut_objects, read_cuts
+from ..fit.units import UnitReader, assemble, plan_units
 from ..io.outputs import summary_table, write_chi, write_summary
 from .checkpoint import Checkpoint, CheckpointPolicy, identity_digest
 from .chunk_fit import ChunkInterrupted, NodeModels, NoStop, fit_pending
@@ -75,31 +73,6 @@ def unit_range(start: int, stop: int, n_objects: int, batch_size: int) -> tuple:
     if start == stop:
         return start, stop
     return start // batch_size * batch_size, min(-(-stop // batch_size) * batch_size, n_objects)
-
-
-class ChunkReader:
-    """The chunk's object table and its units' cutouts, with positions from the catalogue where
-    the cuts file has none (DRE layout)."""
-
-    def __init__(self, products: dict, lo: int, hi: int, n_objects: int, boxsize: int):
-        self.path, self.boxsize = products["cuts"], boxsize
-        catalog_path = products["catalog"]
-        self.catalog = read_catalog(catalog_path) if catalog_path.is_file() else None
-        self.objects, self.names = read_cut_objects(self.path, lo, hi)
-        if len(self.objects) != hi - lo:
-            raise InputError(f"{self.path}: {len(self.objects)} objects from {lo} to {hi}, expected "
-                             f"{hi - lo} (the prep marker counts {n_objects}); rerun the tile's prep")
-        self._positions(self.objects)
-
-    def _positions(self, objects):
-        if self.catalog is not None and not np.isfinite(objects[["DX", "DY"]].tolist()).all():
-            offsets_from_catalog(objects, self.catalog, self.boxsize)
-
-    def unit(self, unit):
-        """The `CutoutSet` of one unit."""
-        cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize)
-        self._positions(cuts.objects)
-        return cuts.subset(unit.index)
 
 
 def chunk_identity(config, tile: Tile, bounds: tuple, n_objects: int, prep: dict, cube_key) -> str:
@@ -218,7 +191,13 @@ class ChunkWork:
         n_objects = int(prep["n_objects"])
         self.lo, self.hi = unit_range(*bounds, n_objects, self.options.batch_size)
         self.products = tile_products(rundir, tile)
-        self.reader = ChunkReader(self.products, self.lo, self.hi, n_objects, models.grid.boxsize)
+        catalog = self.products["catalog"]
+        self.reader = UnitReader(self.products["cuts"], catalog if catalog.is_file() else None, self.lo,
+                                 self.hi, models.grid.boxsize)
+        if len(self.reader.objects) != self.hi - self.lo:
+            raise InputError(f"{self.reader.path}: {len(self.reader.objects)} objects from {self.lo} to "
+                             f"{self.hi}, expected {self.hi - self.lo} (the prep marker counts {n_objects}); "
+                             f"rerun the tile's prep")
         self.units = plan_units(self.reader.objects["EXT_NUMBER"], self.lo, self.options.batch_size)
         self.sizes = {u.uid: u.size for u in self.units}
         identity = chunk_identity(config, tile, bounds, n_objects, prep, models.key)

@@ -18,15 +18,14 @@ import numpy as np
 
 from .. import __version__
 from ..errors import InputError
-from ..io.catalog import find_catalog, offsets_from_catalog, read_catalog
-from ..io.cuts import read_cuts
+from ..io.catalog import find_catalog
 from ..io.outputs import mosaic_panels, summary_table, write_chi, write_mosaic, write_summary
 from ..batch.chunk_fit import fit_pending
 from ..batch.comm import SerialComm
 from ..models.psf import image_stem, psf_path_for_image, read_psf
 from .engine import FitOptions
 from .model_matrix import NodeModels
-from .units import assemble, phases, plan_units, psf_index
+from .units import UnitReader, assemble, phases, plan_units, psf_index
 
 log = logging.getLogger(__name__)
 CUTS_SUFFIX = "_cuts.h5"
@@ -69,40 +68,39 @@ def fit_tile(models: NodeModels, cuts_file: Path, job: TileJob) -> dict:
     psf_file = psf_path_for_image(job.psf, name)
     if psf_file is None:
         raise InputError(f"no PSF for {name}: give --psf DIR (with {name}.psf) or --psf FILE")
-    cuts = read_cuts(cuts_file, boxsize=models.grid.boxsize)
     catalog_path = find_catalog(job.catalogs, name)
-    catalog = read_catalog(catalog_path) if catalog_path else None
-    if catalog is not None and not np.isfinite(cuts.offsets).all():
-        offsets_from_catalog(cuts.objects, catalog, models.grid.boxsize)
-    results, elapsed = _fit_by_extension(models, cuts, psf_file, name, job)
+    reader = UnitReader(cuts_file, catalog_path, boxsize=models.grid.boxsize)
+    results, elapsed = _fit_by_extension(models, reader, psf_file, name, job)
     meta = {"DRE_VER": __version__, "STATISTC": job.options.statistic, "PSF": str(psf_file)[-60:],
             "GAIN": job.options.gain if job.options.gain else "none",
             "ZEROPT": job.zero_point if job.zero_point is not None else "none"}
+    n = len(reader.objects)
     write_summary(Path(job.summary_dir) / f"{name}_dre.fits",
-                  summary_table(results, cuts.objects, job.zero_point, catalog, meta))
-    if job.chi_dir and len(cuts):
-        write_chi(Path(job.chi_dir) / f"{name}_chi.h5", cuts.names, results["SURFACE"], models.grid,
+                  summary_table(results, reader.objects, job.zero_point, reader.catalog, meta))
+    if job.chi_dir and n:
+        write_chi(Path(job.chi_dir) / f"{name}_chi.h5", reader.names, results["SURFACE"], models.grid,
                   job.options.statistic, job.compression)
-    rate = len(cuts) / elapsed if elapsed > 0 else float("inf")
-    log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged", name, len(cuts), elapsed,
-             rate, int(np.count_nonzero(results.get("FLAGS", []))) if len(cuts) else 0)
-    return {"name": name, "objects": len(cuts), "seconds": elapsed}
+    rate = n / elapsed if elapsed > 0 else float("inf")
+    log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged", name, n, elapsed,
+             rate, int(np.count_nonzero(results.get("FLAGS", []))) if n else 0)
+    return {"name": name, "objects": n, "seconds": elapsed}
 
 
-def _fit_by_extension(models, cuts, psf_file, name, job):
-    """Fit the tile's units, extension by extension with that extension's PSF, and write their
-    mosaics. Returns results in input order and the fit seconds."""
-    units = plan_units(cuts.objects["EXT_NUMBER"], 0, job.options.batch_size)
+def _fit_by_extension(models, reader, psf_file, name, job):
+    """Fit the tile's units, extension by extension with that extension's PSF, reading one unit's
+    cutouts at a time, and write the mosaics. Returns results in input order and the fit seconds."""
+    n = len(reader.objects)
+    units = plan_units(reader.objects["EXT_NUMBER"], 0, job.options.batch_size)
     start = time.perf_counter()
-    results, _, _ = fit_pending(SerialComm(), models, units, lambda u: cuts.subset(u.first + u.index),
-                                psf_file, job.options)
+    results, _, _ = fit_pending(SerialComm(), models, units, reader.unit, psf_file, job.options)
     seconds = time.perf_counter() - start
-    columns = assemble(units, results, 0, len(cuts), slice(0, len(cuts)), models.grid)
+    columns = assemble(units, results, 0, n, slice(0, n), models.grid)
     if job.mosaics_dir:
-        for ext, _ in phases(units):
-            index = np.flatnonzero(cuts.objects["EXT_NUMBER"] == ext)
+        for ext, group in phases(units):
             mm = models.for_psf(read_psf(psf_file, ext_number=psf_index(ext)))
-            _write_mosaics(mm, cuts.subset(index), {k: v[index] for k, v in columns.items()}, name, job)
+            for unit in group:
+                rows = unit.first + unit.index
+                _write_mosaics(mm, reader.unit(unit), {k: v[rows] for k, v in columns.items()}, name, job)
     return columns, seconds
 
 

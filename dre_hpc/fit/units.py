@@ -63,8 +63,10 @@ def assemble(units, results: dict, lo: int, hi: int, keep: slice, grid) -> dict:
         return empty_results(grid)
     position = np.concatenate([u.first - lo + u.index for u in units])
     inverse = np.argsort(position)
+    in_order = bool(np.array_equal(inverse, np.arange(inverse.size)))     # one extension: no reordering
     names = results[units[0].uid].keys()
-    return {k: np.concatenate([results[u.uid][k] for u in units])[inverse][keep] for k in names}
+    columns = {k: np.concatenate([results[u.uid][k] for u in units]) for k in names}
+    return {k: (v if in_order else v[inverse])[keep] for k, v in columns.items()}
 
 
 def empty_results(grid) -> dict:
@@ -77,3 +79,30 @@ def empty_results(grid) -> dict:
     cols.update(MODEL_IDX=np.zeros((0, 4), np.int16), DOF=np.zeros(0, np.int64), NPIX=np.zeros(0, np.int64),
                 FLAGS=np.zeros(0, np.int64), SURFACE=np.zeros((0, grid.size), np.float32))
     return cols
+
+
+class UnitReader:
+    """The object table of objects ``[lo, hi)`` of a cuts file and its units' cutouts, read one
+    unit at a time, with positions from the catalogue where the cuts file has none (DRE layout).
+
+    The ``dre`` command reads a whole file through it, a dre-batch chunk its own range."""
+
+    def __init__(self, cuts_path, catalog_path, lo: int = 0, hi: int | None = None, boxsize: int = 128):
+        from ..io.catalog import read_catalog
+        from ..io.cuts import read_cut_objects
+        self.path, self.boxsize = cuts_path, boxsize
+        self.catalog = read_catalog(catalog_path) if catalog_path is not None else None
+        self.objects, self.names = read_cut_objects(self.path, lo, hi)
+        self._positions(self.objects)
+
+    def _positions(self, objects):
+        from ..io.catalog import offsets_from_catalog
+        if self.catalog is not None and not np.isfinite(objects[["DX", "DY"]].tolist()).all():
+            offsets_from_catalog(objects, self.catalog, self.boxsize)
+
+    def unit(self, unit):
+        """The `CutoutSet` of one unit."""
+        from ..io.cuts import read_cuts
+        cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize)
+        self._positions(cuts.objects)
+        return cuts.subset(unit.index)
