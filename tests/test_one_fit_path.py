@@ -3,8 +3,8 @@
 A real run (SExtractor, PSFEx, cuts, 3 fit chunks a tile on the local scheduler) of a
 two-extension tile (two PSFs) and a plain tile; then ``dre`` on each tile's prep products with the
 run's options. Every column the two catalogues share, and every chi-square surface, must be equal
-bit for bit. A second fit job of a tile loads the convolved models from the run's cache instead
-of reading the cube and convolving it again.
+bit for bit. The fit jobs load the models that the tile's prep convolved, instead of reading the
+cube and convolving it again; without them a fit job convolves and gets the same numbers.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def batch_run(tmp_path_factory, sim_tiles, default_cube_file):   # noqa: F811
     config = write_config(root / "run.yaml", chunks_per_tile=3)
     settings = yaml.safe_load(config.read_text())
     settings["scheduler"]["max_parallel"] = 1
+    settings["resources"]["prep"]["mem_gb"] = 4          # room for the prep to convolve the models
     config.write_text(yaml.safe_dump(settings))
     for command in (("setup", config, tiles, "--run-dir", root / "run"), ("run", root / "run"),
                     ("collate", root / "run")):
@@ -86,16 +87,34 @@ def test_dre_and_dre_batch_give_the_same_numbers(batch_run, tile, tmp_path):
             assert np.array_equal(one[name][()], merged[name][()], equal_nan=True), name
 
 
-def test_later_chunks_of_a_tile_load_the_convolved_models(batch_run):
-    """Each tile's convolved models were cached by its first fit job and read by the others: only
-    one convolution per PSF in the run (the fit logs say which), and one cache file per PSF."""
+def test_fit_jobs_load_the_models_convolved_by_the_prep(batch_run):
+    """Each tile's prep convolved the cube once per PSF extension into the tile's model cache; no
+    fit job read the cube or convolved it again (their done markers count the convolutions)."""
     cached = {tile: sorted(p.name for p in batch_run.model_cache(tile).glob("*.npy"))
               for tile in ("mef", "tile_b")}
     assert len(cached["mef"]) == 2 and len(cached["tile_b"]) == 1
-    convolutions = {}
-    for tile in ("mef", "tile_b"):
+    for tile, extensions in (("mef", 2), ("tile_b", 1)):
+        _, prep = batch_run.read_marker("prep", tile)
+        assert prep["models"]["convolved"] == extensions
         for k in range(3):
             _, done = batch_run.read_marker("fit", tile, k)
-            convolutions[tile, k] = sum(s["convolutions"] for s in done["per_rank"])
-    assert sum(convolutions[("tile_b", k)] for k in range(3)) == 1
-    assert sum(convolutions[("mef", k)] for k in range(3)) == 2
+            assert sum(s["convolutions"] for s in done["per_rank"]) == 0, (tile, k)
+
+
+def test_a_fit_job_convolves_when_the_cache_is_gone(batch_run, tmp_path):
+    """Without the prep's cache (a scratch purge, or models too large for the prep's memory) the
+    fit job convolves itself and writes the same numbers."""
+    import shutil as sh
+    from dre_hpc.batch.worker import run_stage
+    copy = tmp_path / "run"
+    sh.copytree(batch_run.root, copy, symlinks=True)
+    run = RunDir(copy)
+    sh.rmtree(run.model_cache("tile_b"))
+    reference = Table.read(batch_run.chunk_outputs("tile_b", 1)["dre"])
+    assert run_stage("fit", run.root, tile=1, chunk=1) == 0
+    _, done = run.read_marker("fit", "tile_b", 1)
+    assert sum(s["convolutions"] for s in done["per_rank"]) == 1
+    again = Table.read(run.chunk_outputs("tile_b", 1)["dre"])
+    for name in reference.colnames:
+        a, b = np.asarray(again[name]), np.asarray(reference[name])
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), name

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("
                                 reason="SExtractor/PSFEx not installed (bin/install-system-packages)")
 
 BASE = ["prep.margin=40", "fit.batch_size=4"]
-PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs",
+PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs", "models",
                   "bytes", "attempt"}
 FIT_DONE_KEYS = {"tile", "chunk", "n_chunks", "start", "stop", "rows", "outputs", "seconds", "job_id",
                  "host", "time", "config_hash", "prep_digest", "attempt", "ranks", "schedule", "resumed_objects",
@@ -65,15 +65,16 @@ def _worker(args, cwd, **env):
 
 
 def _chunk_files(run):
-    """The chunk outputs of tile tiny (not the convolved-model cache, which is no output)."""
-    folder, cache = run.chunk_dir("tiny"), run.model_cache("tiny")
-    return sorted(p.name for p in folder.iterdir() if p != cache) if folder.is_dir() else []
+    folder = run.chunk_dir("tiny")
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
 def test_prep_writes_products_and_a_done_marker_with_checksums(run):
     assert run_stage("prep", run.root, tile=0) == 0
     kind, done = run.read_marker("prep", "tiny")
     assert kind == "done" and set(done) == PREP_DONE_KEYS
+    # the prep convolved the fits' models (one PSF extension) into the tile's model cache
+    assert done["models"]["convolved"] == 1 and len(list(run.model_cache("tiny").glob("*.npy"))) == 1
     cuts = run.tile_dir("tiny") / "Cuts" / "tiny_cuts.h5"
     assert done["tile"] == "tiny" and done["n_objects"] == count_cuts(cuts) == 14
     assert done["n_chunks"] == n_chunks_for(14, objects_per_chunk=5) == 3
@@ -175,6 +176,21 @@ def test_prep_of_a_corrupt_image_fails_and_blocks_its_fits(tmp_path, default_cub
 def test_fit_without_prep_says_so(run):
     assert run_stage("fit", run.root, tile=0, chunk=0) == 1
     assert run.read_marker("fit", "tiny", 0)[1]["reason"] == "prep of tile tiny is not done: no marker"
+
+
+def test_prep_leaves_the_convolution_to_the_fits_without_the_memory(tmp_path, tiny_tile, default_cube_file,
+                                                                    monkeypatch):
+    """With 1 GB of prep memory the models (about 0.6 GB x 2) are not convolved in the prep: the
+    marker says why, and the first fit job convolves them (and caches them for the others)."""
+    monkeypatch.setattr(fit_job, "_MODELS", {})      # a fresh process: no models in memory
+    run = make_run(tmp_path, [tiny_tile], BASE + ["chunking.objects_per_chunk=5", "resources.prep.mem_gb=1"])
+    assert run_stage("prep", run.root, tile=0) == 0
+    skipped = run.read_marker("prep", "tiny")[1]["models"]["skipped"]
+    assert "more than half of resources.prep.mem_gb (1)" in skipped
+    assert not run.model_cache("tiny").exists()
+    assert run_stage("fit", run.root, tile=0, chunk=0) == 0
+    assert sum(r["convolutions"] for r in run.read_marker("fit", "tiny", 0)[1]["per_rank"]) == 1
+    assert len(list(run.model_cache("tiny").glob("*.npy"))) == 1
 
 
 def test_a_fit_that_raises_midway_leaves_no_chunk_files(run, monkeypatch):

@@ -68,6 +68,35 @@ def load_models(config, comm) -> NodeModels:
     return _MODELS[key]
 
 
+def convolve_for_fits(rundir: RunDir, config, tile: Tile) -> dict:
+    """Convolve ``fit.model`` with each PSF extension of the tile into the tile's model cache, at
+    the end of its prep, so that every fit job of the tile loads the models instead of reading the
+    cube and convolving it. Done only where the models fit in half of ``resources.prep.mem_gb``
+    (0: no limit); otherwise the first fit job of the tile convolves. Returns what the prep done
+    marker records: ``{"convolved", "seconds"}`` or ``{"skipped": reason}``."""
+    from ..cli.dre import describe_cube, load_cube
+    from ..fit.units import psf_index
+    from ..io.cuts import read_cut_objects
+    from ..models.psf import read_psf
+    begin = time.perf_counter()
+    fit, limit_gb = config["fit"], config["resources"]["prep"]["mem_gb"]
+    grid, _ = describe_cube(fit["model"])
+    pixels = grid.boxsize * grid.boxsize
+    need_gb = (3 * grid.unique_models()[0].size + grid.size) * pixels * 4 / 1e9
+    if limit_gb and need_gb > 0.5 * limit_gb:
+        return {"skipped": f"the models need about {need_gb:.1f} GB, more than half of "
+                           f"resources.prep.mem_gb ({limit_gb:g}); the first fit job of the tile convolves"}
+    products = tile_products(rundir, tile)
+    models = NodeModels(None, lambda: load_cube(fit["model"]), backend="cpu",
+                        workers=config["resources"]["prep"]["cpus_per_task"],
+                        psf_has_pixel=fit["psf_pixel"] == "included", describe=lambda: describe_cube(fit["model"]),
+                        cache_dir=rundir.model_cache(tile.name))
+    extensions = np.unique(read_cut_objects(products["cuts"])[0]["EXT_NUMBER"])
+    for ext in extensions:
+        models.for_psf(read_psf(products["psf"], ext_number=psf_index(ext)))
+    return {"convolved": len(extensions), "seconds": round(time.perf_counter() - begin, 3)}
+
+
 def unit_range(start: int, stop: int, n_objects: int, batch_size: int) -> tuple:
     """``(lo, hi)``: the objects of the whole fitting units that chunk ``[start, stop)`` touches."""
     if start == stop:

@@ -250,9 +250,9 @@ class RunDir:
         return self.chunk_dir(tile) / f"{chunk_label(k)}.ckpt"
 
     def model_cache(self, tile: str) -> Path:
-        """Where the fits of `tile` keep the models convolved with its PSFs for its next chunks
-        (removed with the tile's chunks: by a new prep and by archive)."""
-        return self.chunk_dir(tile) / "models"
+        """Where the models convolved with the tile's PSFs are kept for its fit jobs (beside the
+        prep products: a new prep removes them with the rest, and archive cleans them)."""
+        return self.tile_dir(tile) / "models"
 
     def marker_dir(self, stage: str, tile: str | None = None) -> Path:
         """``markers/prep`` or ``markers/fit/<tile>``."""

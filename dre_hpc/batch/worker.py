@@ -31,7 +31,7 @@ from . import environment, retry
 from .config import load_config
 from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
 from .comm import SerialComm, open_comm
-from .fit_job import remove_chunk_outputs, run_fit
+from .fit_job import convolve_for_fits, remove_chunk_outputs, run_fit
 from .prep_job import run_prep
 from .rundir import RunDir, Tile, mask_world_writable, utc_now
 
@@ -90,7 +90,10 @@ def _manifest_chunks(rundir: RunDir, tile: Tile):
 def prep_work(rundir: RunDir, tile: Tile, k, comm, stop) -> dict:
     """The prep of `tile` (done-marker content without the job fields); one process."""
     config = load_config(rundir.config)
-    return run_prep(rundir, config, tile, _manifest_chunks(rundir, tile))
+    done = run_prep(rundir, config, tile, _manifest_chunks(rundir, tile))
+    # the fits' models, convolved once for the tile here rather than by each fit job
+    done["models"] = convolve_for_fits(rundir, config, tile) if done["n_objects"] else {"skipped": "no object"}
+    return done
 
 
 class PrepNotDone(DreError):
