@@ -294,8 +294,7 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
                         to_host(xp.take_along_axis(amp_u, cells_d, axis=1)).astype(np.float64),
                         best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
-                FLUX=flux, FLUX_ERR=_flux_error(flux, to_host(err), var_ln_shape, posterior,
-                                                 to_host(amp_u[:, inverse])))
+                FLUX=flux, FLUX_ERR=_flux_error(xp, flux, to_host(err), var_ln_shape, posterior, amp_u, inverse))
     no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
     flags |= np.where(no_model, int(FitFlag.FIT_FAILED), 0)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
@@ -306,16 +305,21 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     return cols
 
 
-def _flux_error(flux, err_fixed, var_ln_shape, p, amp_full):
+def _flux_error(xp, flux, err_fixed, var_ln_shape, p, amp_u, inverse):
     """Flux error: the fixed-shape error plus the part due to the shape's uncertainty.
 
     Radius, axis ratio and flux are degenerate, so the fixed-shape error alone is too small. The
     shape part is propagated through the local chi-square quadratic (`refined_flux`) where it has
-    a minimum, else taken as the spread of the amplitude over the grid posterior exp(-dchi2/2).
+    a minimum, else taken as the spread of the amplitude (``amp_u`` on the backend, unique models)
+    over the grid posterior ``p`` exp(-dchi2/2), for those objects only.
     """
-    mean = (p * amp_full).sum(axis=1)
-    var_post = np.maximum((p * amp_full ** 2).sum(axis=1) - mean ** 2, 0.0)
-    var_shape = np.where(np.isfinite(var_ln_shape), flux ** 2 * var_ln_shape, var_post)
+    var_shape = flux ** 2 * var_ln_shape
+    rows = np.flatnonzero(~np.isfinite(var_ln_shape))
+    if rows.size:
+        amp_full = to_host(amp_u[xp.asarray(rows)][:, inverse])
+        pr = p[rows]
+        mean = np.einsum("ij,ij->i", pr, amp_full)
+        var_shape[rows] = np.maximum(np.einsum("ij,ij,ij->i", pr, amp_full, amp_full) - mean ** 2, 0.0)
     return np.sqrt(err_fixed ** 2 + var_shape)
 
 
