@@ -149,8 +149,9 @@ def prepare_group(xp, mm, clean, index, n: int, centre: bool, min_pixels: int) -
     py, px = np.divmod(mm.order[:n], box)
     rel = xp.asarray((py - y0) * (y1 - y0) + (px - y0))
     g = len(index)
-    d, r = d.reshape(g, -1)[:, rel], r.reshape(g, -1)[:, rel]
-    usable = (m & ~b).reshape(g, -1)[:, rel]
+    # take along the rows: 2-3x faster than the equivalent fancy index a[:, rel]
+    d, r = xp.take(d.reshape(g, -1), rel, axis=1), xp.take(r.reshape(g, -1), rel, axis=1)
+    usable = xp.take((m & ~b).reshape(g, -1), rel, axis=1)
     npix = to_host(usable.sum(axis=1))
     w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32)
     w[xp.asarray(npix < min_pixels)] = 0
