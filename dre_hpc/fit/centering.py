@@ -17,7 +17,8 @@ import numpy as np
 from .backend import to_host
 
 LANCZOS_ORDER = 3
-CHUNK = 16
+#: Pixels of one centring pass: 16 whole 128x128 stamps, more of the smaller windows (cache-sized).
+CHUNK_PIXELS = 16 * 128 * 128
 
 
 def _lanczos_taps(xp, frac, order=LANCZOS_ORDER):
@@ -112,10 +113,11 @@ def centre_cutouts(xp, data, rms, mask, bad, offsets):
     -------
     data, rms, mask, bad : shifted arrays of the same shapes and dtypes.
     """
-    if data.shape[0] > CHUNK:                 # chunks small enough to stay in cache
-        parts = [centre_cutouts(xp, data[i:i + CHUNK], rms[i:i + CHUNK], mask[i:i + CHUNK],
-                                bad[i:i + CHUNK], offsets[i:i + CHUNK])
-                 for i in range(0, data.shape[0], CHUNK)]
+    chunk = max(1, CHUNK_PIXELS // max(data.shape[1] * data.shape[2], 1))
+    if data.shape[0] > chunk:                 # chunks small enough to stay in cache
+        parts = [centre_cutouts(xp, data[i:i + chunk], rms[i:i + chunk], mask[i:i + chunk],
+                                bad[i:i + chunk], offsets[i:i + chunk])
+                 for i in range(0, data.shape[0], chunk)]
         return tuple(xp.concatenate([p[j] for p in parts]) for j in range(4))
     dy, dx = offsets[:, 0], offsets[:, 1]
     any_bad = bool(bad.any())
