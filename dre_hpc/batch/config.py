@@ -64,7 +64,8 @@ TABLE = {
                       nullable=True),
     },
     "fit": {
-        "model": Key(None, "str", "model cube FITS file; null: the default cube", nullable=True),
+        "model": Key(None, "str", "model cube FITS file, or a preset: bulge (n = 4) or sersic (n = 0.5..6); "
+                     "null: bulge", nullable=True),
         "statistic": Key("wls", "str", "chi-square statistic", choices=("wls", "dre")),
         "backend": Key("cpu", "str", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu")),
         "zero_point": Key(None, "number", "magnitude zero-point (adds MAG); null: none", nullable=True),
