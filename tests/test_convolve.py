@@ -5,7 +5,7 @@ import pytest
 from scipy.signal import fftconvolve
 
 from dre_hpc.models import convolve as conv
-from dre_hpc.models.convolve import ConvolvedCubeCache, convolve_cube, fft_shape, get_convolved
+from dre_hpc.models.convolve import convolve_cube, fft_shape
 
 B = 64
 
@@ -96,49 +96,3 @@ def test_minimal_fft_length_is_enough(monkeypatch, p, q):
     np.testing.assert_allclose(convolve_cube(stamp, psf), direct(stamp, psf), rtol=1e-5, atol=1e-6)
 
 
-def test_memory_cache_hits_without_recomputing():
-    cache = ConvolvedCubeCache(max_entries=2)
-    stamps = np.random.default_rng(1).random((3, B, B)).astype(np.float32)
-    psf_a, psf_b, psf_c = gaussian(9, 1.0), gaussian(9, 1.5), gaussian(9, 2.0)
-    first = cache.get("cube-1", stamps, psf_a)
-    assert cache.n_computed == 1 and not first.flags.writeable and first.dtype == np.float32
-    assert cache.get("cube-1", stamps, psf_a.copy()) is first
-    assert cache.n_computed == 1
-    cache.get("cube-2", stamps, psf_a)  # other cube key: new entry
-    cache.get("cube-1", stamps, psf_b)  # other PSF: new entry, evicts the least recent
-    assert cache.n_computed == 3
-    cache.get("cube-1", stamps, psf_b)
-    assert cache.n_computed == 3
-    cache.get("cube-1", stamps, psf_a)  # was evicted (LRU of 2)
-    assert cache.n_computed == 4
-    cache.get("cube-1", stamps, psf_c)
-    assert cache.n_computed == 5
-
-
-def test_disk_cache_round_trip(tmp_path):
-    stamps = np.random.default_rng(2).random((4, B, B)).astype(np.float32)
-    psf = gaussian(11, 1.2)
-    writer = ConvolvedCubeCache(cache_dir=tmp_path)
-    first = writer.get("cube", stamps, psf)
-    files = list(tmp_path.glob("*.npy"))
-    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
-    reader = ConvolvedCubeCache(cache_dir=tmp_path)  # as if a second process
-    second = reader.get("cube", stamps, psf)
-    assert reader.n_computed == 0 and isinstance(second, np.memmap)
-    assert second.dtype == np.float32 and second.flags.c_contiguous
-    np.testing.assert_array_equal(second, first)
-    # a corrupt file is ignored and rewritten
-    files[0].write_bytes(b"garbage")
-    third = ConvolvedCubeCache(cache_dir=tmp_path)
-    np.testing.assert_array_equal(third.get("cube", stamps, psf), first)
-    assert third.n_computed == 1
-
-
-def test_get_convolved_module_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(conv, "DEFAULT_CACHE", ConvolvedCubeCache())
-    stamps = np.random.default_rng(4).random((2, B, B)).astype(np.float32)
-    psf = gaussian(7, 1.0)
-    a = get_convolved("k", stamps, psf, cache_dir=tmp_path)
-    assert get_convolved("k", stamps, psf, cache_dir=tmp_path) is a
-    assert conv.DEFAULT_CACHE.n_computed == 1 and len(list(tmp_path.glob("*.npy"))) == 1
-    np.testing.assert_allclose(a, convolve_cube(stamps, psf))

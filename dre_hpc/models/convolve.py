@@ -1,4 +1,4 @@
-"""PSF convolution of a model cube, and a cache of convolved cubes.
+"""PSF convolution of a model cube.
 
 The convolution is *linear* (no wrap-around): stamps and PSF are zero padded to an FFT length of
 at least ``B + p // 2`` per axis (rounded up with :func:`scipy.fft.next_fast_len`), which is the
@@ -6,21 +6,14 @@ least length for which no circular alias reaches the kept ``B x B`` window, then
 The PSF centre (pixel ``(p // 2)`` per axis, see :mod:`dre_hpc.models.psf`) is rolled to index 0,
 so a model centred on stamp pixel ``[B // 2, B // 2]`` stays centred there.
 
-Cache: :class:`ConvolvedCubeCache` keeps the last few results in memory, keyed by a caller-given
-cube identity string and the SHA-256 of the PSF, and optionally on disk as ``.npy`` files (written
-atomically, read back memory-mapped) so that another process with the same cube and PSF does not
-convolve again. :func:`get_convolved` uses one module-wide cache.
+The convolved models are held, laid out for the fit and cached on disk by
+:class:`dre_hpc.fit.model_matrix.NodeModels`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
-import threading
-from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import scipy.fft
@@ -30,7 +23,6 @@ log = logging.getLogger(__name__)
 #: Stamps per FFT block: bounds the temporary complex arrays (about 80 kB per 128x128 stamp);
 #: small blocks stay in the CPU caches (16 measured fastest on 2 cores).
 DEFAULT_BLOCK = 16
-_UNSET = object()
 #: Bumped whenever the convolution changes, so that stale disk caches are not reused.
 ALGORITHM_VERSION = "linear-fft-v1"
 
@@ -124,126 +116,6 @@ def psf_digest(psf) -> str:
     digest = hashlib.sha256(repr(psf.shape).encode())
     digest.update(psf.tobytes())
     return digest.hexdigest()
-
-
-class ConvolvedCubeCache:
-    """PSF-convolved cubes kept in a small in-memory LRU and optionally on disk.
-
-    Parameters
-    ----------
-    max_entries : int
-        Convolved cubes kept in memory (each is as large as the cube: 150 MB by default).
-    cache_dir : str, Path, bool or None
-        Directory of the on-disk cache; True means ``paths.cache_dir() / "convolved"``; None or
-        False keep the cache in memory only. Disk files are never deleted by this class.
-
-    Attributes
-    ----------
-    n_computed : int
-        Convolutions actually run (memory and disk hits do not count).
-    """
-
-    def __init__(self, max_entries: int = 2, cache_dir=None):
-        self.max_entries = max(1, int(max_entries))
-        self.cache_dir = _resolve_cache_dir(cache_dir)
-        self._memory = OrderedDict()
-        self._lock = threading.Lock()
-        self.n_computed = 0
-
-    def key(self, cube_key: str, stamps, psf) -> str:
-        """Cache key: hash of the cube key, the stamps' shape, the PSF and the algorithm version."""
-        text = f"{ALGORITHM_VERSION}|{cube_key}|{tuple(np.shape(stamps))}|{psf_digest(psf)}"
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def get(self, cube_key: str, stamps, psf, workers=None, cache_dir=_UNSET) -> np.ndarray:
-        """The convolved cube (read-only float32, C-contiguous): from memory, disk, or computed.
-
-        `cube_key` must identify the stamps' content (e.g. cube path + size + mtime, or a
-        content hash); the cache never looks at the stamps' values. `cache_dir`, when given,
-        replaces the instance's disk directory for this call.
-        """
-        disk_dir = self.cache_dir if cache_dir is _UNSET else _resolve_cache_dir(cache_dir)
-        key = self.key(cube_key, stamps, psf)
-        expected = tuple(np.shape(stamps))
-        with self._lock:
-            if key in self._memory:
-                self._memory.move_to_end(key)
-                return self._memory[key]
-            result = self._load(disk_dir, key, expected)
-            if result is None:
-                result = convolve_cube(stamps, psf, workers=workers)
-                self.n_computed += 1
-                self._save(disk_dir, key, result)
-            result.flags.writeable = False
-            self._memory[key] = result
-            while len(self._memory) > self.max_entries:
-                self._memory.popitem(last=False)
-            return result
-
-    def clear(self) -> None:
-        """Forget the in-memory entries (disk files stay)."""
-        with self._lock:
-            self._memory.clear()
-
-    def disk_path(self, key: str, cache_dir=_UNSET):
-        """Path of the ``.npy`` file of `key`, or None without a disk cache."""
-        disk_dir = self.cache_dir if cache_dir is _UNSET else _resolve_cache_dir(cache_dir)
-        return None if disk_dir is None else disk_dir / f"{key}.npy"
-
-    def _load(self, disk_dir, key: str, expected: tuple):
-        path = self.disk_path(key, disk_dir)
-        if path is None or not path.is_file():
-            return None
-        try:
-            arr = np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable convolved-cube cache file %s (%s)", path, exc)
-            return None
-        if arr.shape != expected or arr.dtype != np.float32 or not arr.flags.c_contiguous:
-            log.warning("ignoring convolved-cube cache file %s: shape %s dtype %s, expected %s "
-                        "float32", path, arr.shape, arr.dtype, expected)
-            return None
-        log.debug("convolved cube loaded from %s", path)
-        return arr
-
-    def _save(self, disk_dir, key: str, arr: np.ndarray) -> None:
-        path = self.disk_path(key, disk_dir)
-        if path is None:
-            return
-        tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key[:16]}.", suffix=".tmp")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr)
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.warning("could not write convolved-cube cache file %s (%s); continuing", path, exc)
-            if tmp is not None and os.path.exists(tmp):
-                os.unlink(tmp)
-
-
-def _resolve_cache_dir(cache_dir):
-    if cache_dir is None or cache_dir is False:
-        return None
-    if cache_dir is True:
-        from ..paths import cache_dir as user_cache_dir
-
-        return user_cache_dir() / "convolved"
-    return Path(cache_dir)
-
-
-#: The module-wide cache behind :func:`get_convolved` (memory LRU of 2 cubes).
-DEFAULT_CACHE = ConvolvedCubeCache(max_entries=2)
-
-
-def get_convolved(cube_key: str, stamps, psf, cache_dir=None, workers=None) -> np.ndarray:
-    """Convolved cube through the module-wide :data:`DEFAULT_CACHE`.
-
-    See :meth:`ConvolvedCubeCache.get`. `cache_dir`: a directory for the on-disk cache, True for
-    ``paths.cache_dir() / "convolved"``, None (default) for memory only.
-    """
-    return DEFAULT_CACHE.get(cube_key, stamps, psf, workers=workers, cache_dir=cache_dir)
 
 
 def remove_pixel_response(psf, pad: int = 4) -> np.ndarray:

@@ -1,0 +1,80 @@
+"""The fit's model layout (pixel-major, radial order) and the one holder of convolved models."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from dre_hpc.fit.model_matrix import ModelMatrix, NodeModels, radial_order, to_pixel_major
+from dre_hpc.models.convolve import convolve_cube, remove_pixel_response
+from dre_hpc.models.grid import Axis, ModelGrid
+
+
+def small_grid():
+    """A 3 x 2 x 2 grid of 16x16 stamps (b/a 1 makes some models identical)."""
+    return ModelGrid(index=Axis("INDEX", 4.0, 0.0, 1), ax_ratio=Axis("AX_RATIO", 0.5, 0.5, 2),
+                     angle=Axis("ANGLE", 0.0, 45.0, 2), logr=Axis("LOGR", 0.0, 0.3, 3), boxsize=16)
+
+
+def random_cube(grid, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random(grid.shape + (grid.boxsize, grid.boxsize)).astype(np.float32)
+
+
+def test_radial_order_runs_outwards_from_the_model_centre():
+    order = radial_order(16)
+    y, x = np.divmod(order, 16)
+    r2 = (y - 8) ** 2 + (x - 8) ** 2
+    assert order[0] == 8 * 16 + 8 and sorted(order) == list(range(256))
+    assert np.all(np.diff(r2) >= 0)
+
+
+def test_pixel_major_matrix_holds_every_model_and_its_squares():
+    grid = small_grid()
+    stamps = random_cube(grid)[..., :, :].reshape((grid.size, 16, 16))[grid.unique_models()[0]]
+    mm = ModelMatrix(np, grid, to_pixel_major(stamps, radial_order(16)))
+    assert mm.models.shape == (256, stamps.shape[0]) and mm.models.flags.c_contiguous
+    np.testing.assert_array_equal(mm.models_sq, mm.models * mm.models)
+    for cell in range(grid.size):               # every full-grid cell maps to its stamp
+        np.testing.assert_array_equal(mm.stamp(cell), stamps[mm.inverse[cell]])
+    assert np.all(np.diff(mm.radius) >= 0)
+    with pytest.raises(Exception, match="pixel-major"):
+        ModelMatrix(np, grid, np.zeros((stamps.shape[0], 256), np.float32))
+
+
+def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
+    """The first holder convolves and writes the cache; a second one (as a later job) loads it and
+    never reads the cube; a damaged cache file is ignored, with a warning, and written again."""
+    grid = small_grid()
+    cube = random_cube(grid, 1)
+    psf = np.outer(*(2 * [np.exp(-0.5 * (np.arange(9) - 4.0) ** 2)]))
+    psf /= psf.sum()
+    first = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "cube-key"),
+                       cache_dir=tmp_path)
+    mm = first.for_psf(psf)
+    assert first.n_convolved == 1 and len(list(tmp_path.glob("*.npy"))) == 1
+    cache_file = next(tmp_path.glob("*.npy"))
+    reps = grid.unique_models()[0]
+    expected = convolve_cube(cube.reshape((grid.size, 16, 16))[reps], remove_pixel_response(psf))
+    np.testing.assert_array_equal(mm.stamp(int(reps[3])), expected[3])
+
+    def refuse():
+        raise AssertionError("the cube was read although the cache holds the models")
+    second = NodeModels(None, refuse, describe=lambda: (grid, "cube-key"), cache_dir=tmp_path)
+    np.testing.assert_array_equal(second.for_psf(psf).models, mm.models)
+    assert second.n_convolved == 0
+
+    other = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "other-cube"),
+                       cache_dir=tmp_path)
+    other.for_psf(psf)                          # another cube identity: its own file
+    assert other.n_convolved == 1 and len(list(tmp_path.glob("*.npy"))) == 2
+
+    cache_file.write_bytes(b"garbage")
+    third = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "cube-key"),
+                       cache_dir=tmp_path)
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(third.for_psf(psf).models, mm.models)
+    assert third.n_convolved == 1 and "ignoring convolved-model cache file" in caplog.text
+    assert np.load(cache_file).shape == mm.models.shape          # written again
