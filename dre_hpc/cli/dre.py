@@ -67,8 +67,7 @@ def load_cube(model_path):
     from ..models.generate import resolve_model
     path = resolve_model(model_path)
     cube, grid = read_cube(path)
-    stat = path.stat()
-    return cube, grid, f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return cube, grid, cube_key(path)
 
 
 def describe_cube(model_path):
@@ -83,8 +82,13 @@ def describe_cube(model_path):
     check_fits(path, f"cannot read model cube {path} as FITS")
     with fits.open(path, memmap=True) as hdul:
         header = grid_header(hdul[0].header, first_image_hdu(hdul, path).header)
+    return ModelGrid.from_header(header, source=str(path)), cube_key(path)
+
+
+def cube_key(path) -> str:
+    """The identity of a cube file for the convolved-model caches: resolved path, size, mtime."""
     stat = path.stat()
-    return ModelGrid.from_header(header, source=str(path)), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def drive(argv=None) -> int:
