@@ -84,7 +84,7 @@ def shift_nearest(xp, images, delta, axis):
         window[axis] = slice(int(s) + lo, int(s) + lo + size)
         sel = np.flatnonzero(shift == s)
         window[0] = xp.asarray(sel) if sel.size < shift.size else slice(None)
-        out[xp.asarray(sel) if sel.size < shift.size else slice(None)] = padded[tuple(window)]
+        out[window[0]] = padded[tuple(window)]
     return out
 
 
