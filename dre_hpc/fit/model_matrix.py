@@ -16,6 +16,7 @@ of reading the cube and convolving it again.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -40,6 +41,20 @@ def radial_order(boxsize: int) -> np.ndarray:
     c = boxsize // 2
     y, x = np.mgrid[:boxsize, :boxsize]
     return np.argsort(((y - c) ** 2 + (x - c) ** 2).ravel(), kind="stable")
+
+
+@functools.lru_cache(maxsize=4)
+def radial_layout(boxsize: int) -> tuple:
+    """``(order, rank, radius)`` of a stamp size, made once (read-only): `radial_order`, the row
+    of each stamp pixel, and each row's distance from the model centre (non-decreasing)."""
+    order = radial_order(boxsize)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    c = boxsize // 2
+    radius = np.hypot(*np.divmod(order, boxsize) - np.array([[c], [c]]))
+    for array in (order, rank, radius):
+        array.flags.writeable = False
+    return order, rank, radius
 
 
 def to_pixel_major(stamps, order, out=None) -> np.ndarray:
@@ -69,11 +84,7 @@ class ModelMatrix:
         if tuple(models_t.shape) != (p, k):
             raise DreError(f"expected a ({p}, {k}) pixel-major model matrix, got {tuple(models_t.shape)}")
         self.xp, self.grid = xp, grid
-        self.order = radial_order(grid.boxsize)
-        self.rank = np.empty_like(self.order)
-        self.rank[self.order] = np.arange(p)
-        c = grid.boxsize // 2
-        self.radius = np.hypot(*np.divmod(self.order, grid.boxsize) - np.array([[c], [c]]))
+        self.order, self.rank, self.radius = radial_layout(grid.boxsize)
         self.host = models_t
         self.models = xp.asarray(models_t)
         if models_sq_t is None:
@@ -144,7 +155,7 @@ class NodeModels:
         k, p = grid.unique_models()[0].size, grid.boxsize * grid.boxsize
         alloc = comm.shared_array if self.shared else np.empty
         self.convolved, self.convolved_sq = alloc((p, k), np.float32), alloc((p, k), np.float32)
-        self.order = radial_order(grid.boxsize)
+        self.order = radial_layout(grid.boxsize)[0]
         if describe is None:
             self._take_stamps(cube)
         del cube
