@@ -152,10 +152,17 @@ def prepare_group(xp, mm, clean, index, n: int, centre: bool, min_pixels: int) -
     # take along the rows: 2-3x faster than the equivalent fancy index a[:, rel]
     d, r = xp.take(d.reshape(g, -1), rel, axis=1), xp.take(r.reshape(g, -1), rel, axis=1)
     usable = xp.take((m & ~b).reshape(g, -1), rel, axis=1)
-    npix = to_host(usable.sum(axis=1))
-    w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32)
-    w[xp.asarray(npix < min_pixels)] = 0
+    w, npix = pixel_weights(xp, r, usable, min_pixels)
     return Group(index, n, d, w, r, usable, npix)
+
+
+def pixel_weights(xp, rms, usable, min_pixels: int):
+    """(N, P) float32 weights 1/rms^2 on the usable pixels (0 elsewhere, and for objects with fewer
+    than `min_pixels` of them) and the host (N,) usable pixel counts."""
+    npix = to_host(usable.sum(axis=1))
+    w = xp.where(usable, 1.0 / (rms * rms), 0).astype(xp.float32)
+    w[xp.asarray(npix < min_pixels)] = 0
+    return w, npix
 
 
 def prepare_cutouts(xp, cuts, options):
@@ -168,12 +175,9 @@ def prepare_cutouts(xp, cuts, options):
     if centre:
         d, r, m, b = centre_cutouts(xp, d, r, m, b, xp.asarray(offsets))
     n = len(flags)
-    usable = (m & ~b).reshape(n, -1)
-    npix = to_host(usable.sum(axis=1))
+    usable, r = (m & ~b).reshape(n, -1), r.reshape(n, -1)
+    w, npix = pixel_weights(xp, r, usable, options.min_pixels)
     flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
-    r = r.reshape(n, -1)
-    w = xp.where(usable, 1.0 / (r * r), 0).astype(xp.float32)
-    w[xp.asarray(npix < options.min_pixels)] = 0
     shrink = variance_factor(np, offsets) if centre else np.ones(n)
     return d.reshape(n, -1), w, r, usable, npix, flags, shrink
 
