@@ -81,6 +81,10 @@ def empty_results(grid) -> dict:
     return cols
 
 
+#: The object fields that `offsets_from_catalog` fills (the rest come from the cuts file alone).
+POSITION_FIELDS = ("DX", "DY", "X_IMAGE", "Y_IMAGE")
+
+
 class UnitReader:
     """The object table of objects ``[lo, hi)`` of a cuts file and its units' cutouts, read one
     unit at a time, with positions from the catalogue where the cuts file has none (DRE layout).
@@ -90,21 +94,20 @@ class UnitReader:
     def __init__(self, cuts_path, catalog_path, lo: int = 0, hi: int | None = None, boxsize: int = 128):
         from ..io.catalog import read_catalog
         from ..io.cuts import read_cut_objects
-        self.path, self.boxsize = cuts_path, boxsize
+        from ..io.catalog import offsets_from_catalog
+        self.path, self.boxsize, self.lo = cuts_path, boxsize, lo
         self.catalog = read_catalog(catalog_path) if catalog_path is not None else None
         self.objects, self.names = read_cut_objects(self.path, lo, hi)
-        self._positions(self.objects)
-
-    def _positions(self, objects):
-        from ..io.catalog import offsets_from_catalog
-        if self.catalog is not None and not np.isfinite(objects[["DX", "DY"]].tolist()).all():
-            offsets_from_catalog(objects, self.catalog, self.boxsize)
+        if self.catalog is not None and not np.isfinite(self.objects[["DX", "DY"]].tolist()).all():
+            offsets_from_catalog(self.objects, self.catalog, self.boxsize)
 
     def unit(self, unit):
-        """The `CutoutSet` of one unit."""
+        """The `CutoutSet` of one unit, its positions those of the object table (matched once)."""
         from ..io.cuts import read_cuts
         cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize)
-        self._positions(cuts.objects)
+        rows = slice(unit.first - self.lo, unit.stop - self.lo)
+        for name in POSITION_FIELDS:
+            cuts.objects[name] = self.objects[name][rows]
         if np.array_equal(unit.index, np.arange(len(cuts))):     # one extension: the whole read
             return cuts
         return cuts.subset(unit.index)
