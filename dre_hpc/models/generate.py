@@ -133,7 +133,7 @@ def ensure_cube(grid: ModelGrid, name: str, workers=None) -> Path:
         if path.is_file():  # another process made it while we waited
             return path
         log.info("generating the %s model cube (%d models) into %s", name, grid.size, path)
-        cube, grid = make_cube(grid) if workers is None else make_cube(grid, workers=workers)
+        cube, grid = make_cube(grid, workers=workers)
         write_cube(path, cube, grid, overwrite=True, extra_cards=generator_cards())
         del cube
         log.info("wrote %s (%.0f MB)", path, path.stat().st_size / 1e6)
@@ -142,7 +142,7 @@ def ensure_cube(grid: ModelGrid, name: str, workers=None) -> Path:
 
 def ensure_default_cube() -> Path:
     """Path of the default (``bulge``) cube, generating it on first use (see `ensure_cube`)."""
-    return ensure_cube(ModelGrid.default(), "default")
+    return ensure_preset(DEFAULT_PRESET)
 
 
 def ensure_preset(name: str, workers=None) -> Path:
