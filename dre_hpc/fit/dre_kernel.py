@@ -239,24 +239,24 @@ def dre_chi_t(xp, data, rms, pixels, models_t, block_rows=None, row_min=None):
         scale = (d.astype(f64).sum() / total).astype(f32)
 
         # -- pass 2: sum_S (d - s m)^2 / (s m + rms^2) --------------------------------------------
+        def block_terms(m, d_c, v_c, weight, u, out):
+            """sum over the block's rows of weight * (d - s m)^2 / (s m + rms^2), into `out`."""
+            r = r_buf[: m.shape[0]]
+            xp.multiply(m, scale[None, :], out=u)                  # u = s m
+            xp.subtract(d_c, u, out=r)                             # d - u
+            xp.add(u, v_c, out=u)                                  # u + rms^2
+            xp.multiply(r, r, out=r)
+            xp.divide(r, u, out=r)
+            xp.dot(weight, r, out=out)
+
         b = 0
         for lo, hi in dense:
-            u, r = u_buf[: hi - lo], r_buf[: hi - lo]
-            xp.multiply(models_t[lo:hi], scale[None, :], out=u)     # u = s m
-            xp.subtract(d_col[lo:hi], u, out=r)                     # d - u
-            xp.add(u, v_col[lo:hi], out=u)                          # u + rms^2
-            xp.multiply(r, r, out=r)
-            xp.divide(r, u, out=r)
-            xp.dot(w_rows[lo:hi], r, out=parts[b])
+            block_terms(models_t[lo:hi], d_col[lo:hi], v_col[lo:hi], w_rows[lo:hi], u_buf[: hi - lo],
+                        parts[b])
             b += 1
         for i, j in sparse_blocks:
-            u, r = sparse_block(i, j), r_buf[: j - i]             # (gathered rows: used up)
-            xp.multiply(u, scale[None, :], out=u)
-            xp.subtract(d_sp_col[i:j], u, out=r)
-            xp.add(u, v_sp_col[i:j], out=u)
-            xp.multiply(r, r, out=r)
-            xp.divide(r, u, out=r)
-            xp.dot(ones[: j - i], r, out=parts[b])
+            block = sparse_block(i, j)                             # (gathered rows: used up)
+            block_terms(block, d_sp_col[i:j], v_sp_col[i:j], ones[: j - i], block, parts[b])
             b += 1
         chi = parts.astype(f64).sum(axis=0) / n_pix
 
