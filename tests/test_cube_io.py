@@ -176,7 +176,7 @@ def test_default_cube_is_generated_once(tmp_path, monkeypatch):
     monkeypatch.setenv("DRE_HPC_CACHE", str(tmp_path))
     calls = []
     real_make_cube = generate.make_cube
-    monkeypatch.setattr(generate, "make_cube", lambda g: calls.append(g) or real_make_cube(g))
+    monkeypatch.setattr(generate, "make_cube", lambda g, **kw: calls.append(g) or real_make_cube(g, **kw))
     path = generate.ensure_default_cube()
     assert path.parent == tmp_path and f"_r{RENDERER_VERSION}_" in path.name
     assert generate.ensure_default_cube() == path and len(calls) == 1
