@@ -82,7 +82,7 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES, 
     rows, cols = xp.nonzero(near)                # object-major, every object at least once
     counts = near.sum(axis=1)
     rank = xp.arange(rows.size) - (xp.cumsum(counts) - counts)[rows]
-    final = xp.lexsort(xp.stack([rows, rank]))   # candidate rank first: rank 0 is every object in order
+    final = xp.argsort(rank, kind="stable")     # by candidate rank: rank 0 is every object in order
     # gathered in column order (each row of the pixel-major matrix read forwards: 6x faster at full
     # stamps than in object order), then transposed into the final order in one copy
     by_col = xp.argsort(cols, kind="stable")
