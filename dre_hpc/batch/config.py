@@ -71,7 +71,8 @@ TABLE = {
         "zero_point": Key(None, "number", "magnitude zero-point (adds MAG); null: none", nullable=True),
         "gain": Key(None, "number", "gain in e-/ADU for the Poisson term; null: none", nullable=True,
                     minimum=0),
-        "batch_size": Key(256, "int", "objects fitted together in one batch", minimum=1),
+        "batch_size": Key(None, "int", "objects fitted together in one batch; null: from the grid "
+                          "(1024 for the default cube, 256 for sersic)", nullable=True, minimum=1),
         "centre": Key(True, "bool", "move cutouts to the sub-pixel centre"),
         "min_pixels": Key(16, "int", "fewest usable mask pixels to fit", minimum=1),
         "psf_pixel": Key("included", "str", "whether the PSF contains the pixel response",

@@ -216,7 +216,7 @@ class ChunkWork:
     def __init__(self, rundir, config, tile, k, prep, bounds, models):
         self.rundir, self.config, self.tile, self.k, self.prep = rundir, config, tile, k, prep
         self.bounds, self.models = bounds, models
-        self.options = fit_options(config)
+        self.options = fit_options(config).for_grid(models.grid)
         n_objects = int(prep["n_objects"])
         self.lo, self.hi = unit_range(*bounds, n_objects, self.options.batch_size)
         self.products = tile_products(rundir, tile)

@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", type=int, default=1, help="threads for the cube convolution and the matrix "
                    "products (default: 1; results depend on it in the last bits, as dre-batch's on "
                    "resources.fit.cpus_per_task)")
-    p.add_argument("--chunk", type=int, default=256, help="objects fitted together in one batch (default: 256)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="objects fitted together in one batch (default: from the grid, 1024 for the "
+                        "default cube, 256 for sersic)")
     p.add_argument("--catalogs", default="Sextracted", help="directory with the SExtractor catalogues "
                    "joined to the summary and used for positions (default: Sextracted)")
     p.add_argument("--compression", choices=list(COMPRESSION), default="medium",
@@ -95,7 +97,7 @@ def drive(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.warn:
         warnings.filterwarnings("ignore", category=RuntimeWarning)
-    if args.chunk < 1 or args.cpu < 1:
+    if (args.chunk is not None and args.chunk < 1) or args.cpu < 1:
         raise InputError("--chunk and --cpu must be >= 1")
     if args.mosaics and args.mosaic_png:          # say so now, not after the fits
         try:

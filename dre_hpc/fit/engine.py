@@ -7,7 +7,7 @@ flags and fill values, never an exception.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,16 +32,31 @@ GROUP_OVERHEAD_S = 2e-4
 PEAK_FLOPS = 1e11
 #: Pixels a Lanczos shift reads beyond its output, besides the integer part of the offset.
 LANCZOS_MARGIN = LANCZOS_ORDER + 1
+#: With no ``batch_size`` set, a batch holds about this many bytes per float64 (objects, grid
+#: cells) array: the more objects a batch has, the closer the footprints that `product_groups`
+#: puts together (1024 objects: 15 % less fit time than 256 on the default cube), within
+#: `AUTO_BATCH_RANGE` objects (1024 for the default cube, 256 with the ``sersic`` index axis).
+AUTO_BATCH_BYTES = 64 * 2 ** 20
+AUTO_BATCH_RANGE = (16, 1024)
+
+
+def auto_batch_size(grid) -> int:
+    """Objects per batch when none is set: the power of two whose float64 surfaces come nearest
+    `AUTO_BATCH_BYTES` from below, within `AUTO_BATCH_RANGE`. Depends on the grid only."""
+    fit = max(AUTO_BATCH_BYTES // (8 * grid.size), 1)
+    lo, hi = AUTO_BATCH_RANGE
+    return int(min(hi, max(lo, 1 << (int(fit).bit_length() - 1))))
 
 
 @dataclass(frozen=True)
 class FitOptions:
-    """How to fit. ``gain`` (e-/ADU) adds the Poisson term model/gain to the variance (two passes)."""
+    """How to fit. ``gain`` (e-/ADU) adds the Poisson term model/gain to the variance (two passes);
+    ``batch_size`` None: chosen from the grid (`auto_batch_size`, see `for_grid`)."""
 
     statistic: str = "wls"
     gain: float | None = None
     min_pixels: int = 16
-    batch_size: int = 256
+    batch_size: int | None = None
     centre: bool = True
 
     def __post_init__(self):
@@ -49,8 +64,12 @@ class FitOptions:
             raise DreError(f"unknown statistic {self.statistic!r}: expected one of {', '.join(STATISTICS)}")
         if self.gain is not None and not self.gain > 0:
             raise DreError(f"gain must be a positive number of e-/ADU, got {self.gain}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise DreError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def for_grid(self, grid) -> "FitOptions":
+        """These options with the batch size fixed: `auto_batch_size` of `grid` when it is None."""
+        return self if self.batch_size is not None else replace(self, batch_size=auto_batch_size(grid))
 
 
 def clean_cutouts(cuts):
@@ -345,6 +364,7 @@ def _fill_unfitted(cols):
 
 def fit_cutouts(mm: ModelMatrix, cuts, options: FitOptions, progress=None) -> dict:
     """Fit every cutout of a `CutoutSet` in batches; concatenated host columns (see `fit_batch`)."""
+    options = options.for_grid(mm.grid)
     parts = []
     for start in range(0, len(cuts), options.batch_size):
         stop = min(start + options.batch_size, len(cuts))

@@ -90,9 +90,10 @@ def _fit_by_extension(models, reader, psf_file, name, job):
     """Fit the tile's units, extension by extension with that extension's PSF, reading one unit's
     cutouts at a time, and write the mosaics. Returns results in input order and the fit seconds."""
     n = len(reader.objects)
-    units = plan_units(reader.objects["EXT_NUMBER"], 0, job.options.batch_size)
+    options = job.options.for_grid(models.grid)
+    units = plan_units(reader.objects["EXT_NUMBER"], 0, options.batch_size)
     start = time.perf_counter()
-    results, _, _ = fit_pending(SerialComm(), models, units, reader.unit, psf_file, job.options)
+    results, _, _ = fit_pending(SerialComm(), models, units, reader.unit, psf_file, options)
     seconds = time.perf_counter() - start
     columns = assemble(units, results, 0, n, slice(0, n), models.grid)
     if job.mosaics_dir:
