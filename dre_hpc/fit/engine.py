@@ -38,6 +38,9 @@ LANCZOS_MARGIN = LANCZOS_ORDER + 1
 #: `AUTO_BATCH_RANGE` objects (1024 for the default cube, 256 with the ``sersic`` index axis).
 AUTO_BATCH_BYTES = 64 * 2 ** 20
 AUTO_BATCH_RANGE = (16, 1024)
+#: Objects whose catalogue columns are computed together from their float64 (objects, cells)
+#: surfaces: few enough that those stay in cache (2.5 MB for the default cube).
+SUMMARY_ROWS = 128
 
 
 def auto_batch_size(grid) -> int:
@@ -298,13 +301,26 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
 
 
 def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
-    """Fit one batch of cutouts; return host arrays: catalogue columns and ``SURFACE`` (N, grid.size)."""
+    """Fit one batch of cutouts; return host arrays: catalogue columns and ``SURFACE`` (N, grid.size).
+
+    The statistic is computed for the whole batch (`fit_statistic`), the columns `SUMMARY_ROWS`
+    objects at a time (every column is computed row by row)."""
+    fitted = fit_statistic(mm, cuts, options)
+    n = len(fitted[-1])
+    parts = [_batch_columns(mm, options, fitted, slice(lo, min(lo + SUMMARY_ROWS, n)))
+             for lo in range(0, max(n, 1), SUMMARY_ROWS)]
+    return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, rows: slice) -> dict:
+    """The catalogue columns and surfaces of the objects `rows` of a fitted batch."""
     xp, grid = mm.xp, mm.grid
-    best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = fit_statistic(mm, cuts, options)
+    same_surface = fitted[5] is fitted[4]
+    best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = (a[rows] for a in fitted)
     inverse = xp.asarray(mm.inverse)
     # take along the rows: C-ordered (a[:, idx] is F-ordered, and every row reduction below slow)
     chi2_full = to_host(xp.take(chi2_u, inverse, axis=1))
-    stat_full = chi2_full if stat_u is chi2_u else to_host(xp.take(stat_u, inverse, axis=1))
+    stat_full = chi2_full if same_surface else to_host(xp.take(stat_u, inverse, axis=1))
     best_unique = to_host(best)
     best_full = mm.representatives[best_unique].astype(np.int64)
     n_free = 1 + sum(a.count > 1 for a in grid.axes)
@@ -321,7 +337,7 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
                 FLUX=flux, FLUX_ERR=_flux_error(xp, flux, to_host(err), var_ln_shape, posterior, amp_u, inverse))
     no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
-    flags |= np.where(no_model, int(FitFlag.FIT_FAILED), 0)
+    flags = flags | np.where(no_model, int(FitFlag.FIT_FAILED), 0)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
     flags |= np.where((flags & int(UNFITTED)) == 0, cols.pop("EDGE_FLAGS"), 0)
     cols["FLAGS"] = flags.astype(np.int64)
