@@ -23,6 +23,9 @@ class FitFlag(enum.IntFlag):
     EMPTY_MASK = 512
     NO_CENTRE = 1024
     CUT_PADDED = 2048
+    REFINE_FAILED = 4096
+    REFINE_FAR = 8192
+    SECOND_MINIMUM = 16384
 
     @classmethod
     def describe(cls) -> list:
@@ -43,6 +46,9 @@ _DESCRIPTIONS = {
     "EMPTY_MASK": "the object's mask has no pixel",
     "NO_CENTRE": "the object's sub-pixel position is unknown: no sub-pixel centring",
     "CUT_PADDED": "the cutout reached the image edge and was padded (from the cuts file)",
+    "REFINE_FAILED": "the sub-grid refinement found no minimum: the *_FIT columns hold the grid's values",
+    "REFINE_FAR": "the sub-grid vertex lies more than one grid step from the best cell (extrapolated)",
+    "SECOND_MINIMUM": "another local minimum of the grid, away from the best cell, within delta chi2 < 1",
 }
 
 class CutFlag(enum.IntFlag):

@@ -18,6 +18,7 @@ from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_fa
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
 from .model_matrix import ModelMatrix
 from .refine import refined_flux, window_cells
+from .subgrid import FIT_COLUMNS, refine, second_minimum
 from .summary import posterior_weights, summarize
 
 STATISTICS = ("wls", "dre")
@@ -336,14 +337,38 @@ def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, rows: slice) ->
                         best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
                 FLUX=flux, FLUX_ERR=_flux_error(xp, flux, to_host(err), var_ln_shape, posterior, amp_u, inverse))
+    refined = _refined(mm, options, cols, chi2_u, amp_u, chi2_full, best_full, to_host(amp), to_host(err))
     no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
-    flags = flags | np.where(no_model, int(FitFlag.FIT_FAILED), 0)
+    flags = flags | np.where(no_model, int(FitFlag.FIT_FAILED), 0) | refined.pop("FLAGS")
+    cols.update(refined)
     flags |= np.where(~(cols["FLUX"] > 0) & ((flags & int(UNFITTED)) == 0), int(FitFlag.NONPOSITIVE_FLUX), 0)
     flags |= np.where((flags & int(UNFITTED)) == 0, cols.pop("EDGE_FLAGS"), 0)
     cols["FLAGS"] = flags.astype(np.int64)
     _fill_unfitted(cols)
     cols["SURFACE"] = stat_full.astype(np.float32)
     return cols
+
+
+def _refined(mm, options, cols, chi2_u, amp_u, chi2_full, best_full, amp, err) -> dict:
+    """The sub-grid columns (`subgrid.refine`) and their flags; NaN for ``dre``, whose surface is
+    not a chi-square."""
+    xp, grid = mm.xp, mm.grid
+    n = len(best_full)
+    if options.statistic != "wls":
+        out = {name + suffix: np.full(n, np.nan) for name in FIT_COLUMNS for suffix in ("", "_ERR")}
+        out["FLAGS"] = np.zeros(n, dtype=np.int64)
+        return out
+    inverse = mm.inverse
+
+    def fetch(cells, rows):
+        unique, rows_d = xp.asarray(inverse[cells]), xp.asarray(rows)
+        return (to_host(xp.take_along_axis(chi2_u[rows_d], unique, axis=1)).astype(np.float64),
+                to_host(xp.take_along_axis(amp_u[rows_d], unique, axis=1)).astype(np.float64))
+
+    out = refine(grid, cols, best_full, fetch, amp, err, cols["CHI2"] / cols["DOF"])
+    out["FLAGS"] |= np.where(second_minimum(grid, chi2_full, best_full, mm.inverse),
+                             int(FitFlag.SECOND_MINIMUM), 0)
+    return out
 
 
 def _flux_error(xp, flux, err_fixed, var_ln_shape, p, amp_u, inverse):
