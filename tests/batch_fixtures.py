@@ -19,6 +19,7 @@ from dre_hpc.batch.chunking import chunk_range
 from dre_hpc.batch.config import resolve
 from dre_hpc.batch.prep_job import prep_digest
 from dre_hpc.batch.rundir import RunDir, file_sha256, write_json
+from dre_hpc.fit.subgrid import FIT_COLUMNS
 from dre_hpc.io.cuts import empty_objects, object_name
 from dre_hpc.io.outputs import summary_table, write_chi, write_summary
 from dre_hpc.models.grid import ModelGrid
@@ -26,7 +27,7 @@ from dre_hpc.models.grid import ModelGrid
 FLOAT_COLUMNS = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD",
                  "INDEX", "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN",
                  "INDEX_ERR", "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN",
-                 "LOGR_ERR"]
+                 "LOGR_ERR", *(name + suffix for name in FIT_COLUMNS for suffix in ("", "_ERR"))]
 
 
 def make_run(root, tiles: dict, chunks_per_tile: int | None = 2, known: bool = True, name="testrun",

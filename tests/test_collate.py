@@ -14,6 +14,7 @@ from astropy.table import Table
 from batch_fixtures import complete_run, done_chunk, done_prep, failed, make_run, write_chunk_outputs
 from dre_hpc.batch.collate import CollateError, collate
 from dre_hpc.batch.rundir import file_sha256
+from dre_hpc.io.columns import COLUMNS
 
 TILES = {"tileA": 7, "tileB": 5, "tileC": 0}
 
@@ -191,7 +192,8 @@ def test_byte_concatenation_equals_astropy_stack(run):
 
 
 def test_unlike_chunk_headers_fall_back_to_astropy(tmp_path):
-    """A chunk whose column keywords differ (here a unit on FLUX) is merged through astropy."""
+    """A chunk whose column keywords differ (here the unit of FLUX) is merged through astropy: a
+    unit that differs between chunks is left out, the others and the descriptions are kept."""
     from batch_fixtures import chunk_table
     from dre_hpc.io.outputs import write_summary
     rundir = make_run(tmp_path / "run", {"a": 6}, chunks_per_tile=2)
@@ -199,7 +201,7 @@ def test_unlike_chunk_headers_fall_back_to_astropy(tmp_path):
     done_chunk(rundir, "a", 0, 6, 0, 2)
     marker = done_chunk(rundir, "a", 0, 6, 1, 2)
     table = chunk_table(0, 3, 6)
-    table["FLUX"].unit = "adu"
+    table["FLUX"].unit = "ct"
     path = rundir.chunk_outputs("a", 1)["dre"]
     write_summary(path, table)
     marker["outputs"]["dre"].update(sha256=file_sha256(path), bytes=path.stat().st_size)
@@ -207,8 +209,14 @@ def test_unlike_chunk_headers_fall_back_to_astropy(tmp_path):
     collate(rundir)
     merged = Table.read(rundir.collated("a_dre.fits"))
     assert list(merged["ROW"]) == list(range(6)) and list(merged["X_IMAGE"]) == list(map(float, range(6)))
-    flat = Table.read(rundir.collated("testrun_dre.fits"))
+    flat = Table.read(rundir.collated("testrun_dre.fits"), hdu=1)
     assert list(flat["TILE"]) == ["a"] * 6 and flat.colnames[0] == "TILE"
+    for table, path in ((merged, rundir.collated("a_dre.fits")), (flat, rundir.collated("testrun_dre.fits"))):
+        assert table["FLUX"].unit is None and table["ANGLE"].unit == "deg"
+        header = fits.getheader(path, 1)
+        comments = {header[f"TTYPE{i}"]: header.get(f"TCOMM{i}") for i in range(1, header["TFIELDS"] + 1)}
+        assert comments["ANGLE"] == COLUMNS["ANGLE"].description and comments["TILE" if table is flat else "ROW"]
+        assert "OBJSTART" not in header and header["NMERGED"] == 2
 
 
 def test_read_part_refuses_what_cannot_be_concatenated(tmp_path, run):

@@ -141,6 +141,16 @@ def test_validation_agrees_with_a_direct_computation(reported, sim_tiles):  # no
     assert "Validation against simulated truth" in (folder / "index.html").read_text()
 
 
+def test_report_json_names_the_units_of_its_numbers(reported):
+    from astropy import units as u
+    _, folder, _ = reported
+    report_units = json.loads((folder / "report.json").read_text())["units"]
+    assert report_units["seconds"] == "s" and u.Unit(report_units["summary.objects_per_chunk_second"]) == 1 / u.s
+    units = json.loads((folder / "validation.json").read_text())["units"]
+    assert set(units) == set(json.loads((folder / "validation.json").read_text())["parameters"])
+    assert u.Unit(units["ANGLE"]) == u.deg and u.Unit(units["LOGR"]) == u.dex and units["FLUX"] == ""
+
+
 def test_text_summary_writes_nothing(local_reference, tmp_path):  # noqa: F811
     run_dir = collated_copy(local_reference, tmp_path)
     result = report(run_dir, "--text")

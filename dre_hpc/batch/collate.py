@@ -11,8 +11,15 @@ chunks are recorded in the headers (``NMISSING``) and in ``collated/missing.json
 
 Outputs (`RunDir.collated`), each written under a temporary name and renamed:
 ``<tile>_dre.fits`` (rows in object order), ``<tile>_chi.h5`` (the chunks' datasets copied as they
-are, attributes of the first chunk), ``<run>_dre.fits`` (all tiles, a ``TILE`` column first,
-provenance header cards) and ``collate.json``: the verification record that `archive` checks.
+are, attributes of the first chunk), ``<run>_dre.fits`` (all tiles, a ``TILE`` column first, and
+an extension ``TILES``: per tile its rows, chunks merged and missing, prep digest, versions and
+PSF) and ``collate.json``: the verification record that `archive` checks.
+
+The headers of the merged tables describe the merged file, never one of its chunks: the run's
+provenance (`_provenance`), the fit settings every chunk shares (`RUN_CARDS`), the chunks merged
+(``NMERGED``), the versions that fitted them (``DRE_VER``) and, in a tile's file, its ``TILE``,
+``PSF`` and ``PREPDIG``; a chunk's own cards (``CHUNK``, ``NCHUNKS``, ``OBJSTART``, ``OBJSTOP``)
+stay in the chunk files.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import h5py
+from astropy.table import Table
 
 from dre_hpc import __version__
 from dre_hpc.batch.chunking import ChunkingError, chunk_range
@@ -35,10 +43,13 @@ from dre_hpc.batch.prep_job import prep_digest
 from dre_hpc.batch.rundir import RunDir, file_sha256, utc_now, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
+from dre_hpc.io.columns import describe, table_hdu
 
 RECORD = "collate.json"
 MISSING = "missing.json"
-PER_TILE_CARDS = ("TILE", "PSF")   # header cards of a tile's table left out of the flat catalogue
+RUN_CARDS = ("STATISTC", "GAIN", "ZEROPT")   # chunk header cards that are the same in every chunk
+TILE_CARDS = RUN_CARDS + ("PSF",)             # ... of a tile
+TILES_HDU = "TILES"                           # the flat catalogue's extension describing its tiles
 THREADS = min(4, os.cpu_count() or 1)   # chunks verified at once (mostly SHA-256, off the GIL)
 SHOWN = 20                     # problems listed in an error message; the rest are counted
 
@@ -58,6 +69,12 @@ class Chunk:
     paths: dict
     sha256: dict
     part: TablePart
+    prep_digest: str
+
+    @property
+    def version(self) -> str:
+        """The dre_hpc version that fitted the chunk (its table's ``DRE_VER``)."""
+        return str(self.part.value("DRE_VER", "unknown"))
 
 
 @dataclass
@@ -117,7 +134,8 @@ def _check_chunk(rundir: RunDir, tile, k: int, prep) -> tuple:
     part, problems = _check_contents(paths, rows)
     if problems:
         return None, problems
-    return Chunk(tile.name, k, start, stop, paths, {n: outputs[n]["sha256"] for n in paths}, part), []
+    return Chunk(tile.name, k, start, stop, paths, {n: outputs[n]["sha256"] for n in paths}, part,
+                 marker["prep_digest"]), []
 
 
 def _check_file(rundir: RunDir, path, recorded) -> list:
@@ -186,28 +204,48 @@ def verify(rundir: RunDir, allow_missing: bool = False) -> tuple:
     return chunks, missing
 
 
-def _provenance(config, n_tiles: int, n_objects: int, n_missing, when: str) -> dict:
-    """Header cards of the collated catalogues: (value, comment) by keyword."""
+def _versions(chunks) -> str:
+    """The dre_hpc versions that fitted `chunks`, comma-separated (one, normally)."""
+    return ",".join(sorted({c.version for c in chunks}))
+
+
+def _provenance(config, chunks: list, n_tiles: int, n_missing, when: str) -> dict:
+    """Header cards of a collated catalogue of the (verified) `chunks`: (value, comment) by keyword."""
     cards = {"RUNNAME": config["run"]["name"],          # long values: no comment (CONTINUE cards)
              "CFGHASH": config.hash(),                  # SHA-256 of the resolved run config
              "SEED": (config["run"]["seed"], "master seed of the run"),
              "COLLVER": (__version__, "dre_hpc version that collated"),
+             "DRE_VER": (_versions(chunks), "dre_hpc version(s) that fitted"),
              "NTILES": (n_tiles, "tiles in this file"),
-             "NOBJECTS": (n_objects, "objects (rows) in this file"),
+             "NOBJECTS": (sum(c.stop - c.start for c in chunks), "objects (rows) in this file"),
+             "NMERGED": (len(chunks), "chunks merged into this file"),
              "COLLATED": (when, "time of collate (UTC)")}
     if n_missing is not None:
         cards["NMISSING"] = (n_missing, "chunks not done, left out (allow_missing)")
     return cards
 
 
+def _tiles_hdu(chunks: dict, missing: Counter):
+    """The flat catalogue's ``TILES`` extension: one row per tile in it (`chunks` per tile)."""
+    done = {tile: c for tile, c in chunks.items() if c}
+    table = describe(Table({
+        "TILE": list(done), "ROWS": [sum(c.stop - c.start for c in cs) for cs in done.values()],
+        "NMERGED": [len(cs) for cs in done.values()], "NMISSING": [missing[t] for t in done],
+        "PREPDIG": [cs[0].prep_digest for cs in done.values()],
+        "DRE_VER": [_versions(cs) for cs in done.values()],
+        "PSF": [str(cs[0].part.value("PSF", "")) for cs in done.values()]}))
+    hdu = table_hdu(table)
+    hdu.name = TILES_HDU
+    return hdu
+
+
 def _merge_tile(rundir: RunDir, tile: str, done: list, cards: dict, hasher) -> dict:
     """Write ``<tile>_dre.fits`` and ``<tile>_chi.h5``; ``{path: (sha256, bytes)}`` (for the chi
     file a future of `hasher`, an executor: it is hashed while the next tile is merged)."""
     fits_path, chi_path = rundir.collated(f"{tile}_dre.fits"), rundir.collated(f"{tile}_chi.h5")
-    parts = [c.part for c in done]
-    cards = dict(cards, DRE_VER=parts[0].header.get("DRE_VER", __version__))
+    cards = {"TILE": tile, "PREPDIG": done[0].prep_digest, **cards}    # the prep of every chunk (verified)
     try:
-        written = {fits_path: write_tables(fits_path, parts, cards)}
+        written = {fits_path: write_tables(fits_path, [c.part for c in done], cards, keep=TILE_CARDS)}
     except ValueError as exc:
         raise CollateError(f"{rundir.chunk_dir(tile)}: cannot merge the chunk tables of tile {tile}: "
                            f"{exc}") from None
@@ -234,16 +272,16 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
         for tile, done in chunks.items():
             if done:
                 rows[tile] = sum(c.stop - c.start for c in done)
-                n_missing = tile_missing[tile] if allow_missing else None
-                cards = _provenance(config, 1, rows[tile], n_missing, when)
-                written.update(_merge_tile(rundir, tile, done, {"TILE": tile, **cards}, hasher))
+                cards = _provenance(config, done, 1, tile_missing[tile] if allow_missing else None, when)
+                written.update(_merge_tile(rundir, tile, done, cards, hasher))
         written = {p: (w.result() if isinstance(w, Future) else w) for p, w in written.items()}
     flat_path = rundir.collated(f"{run}_dre.fits")
-    parts = [(tile, c.part) for tile, done in chunks.items() for c in done]
-    cards = _provenance(config, len(rows), sum(rows.values()), len(missing) if allow_missing else None, when)
+    merged = [c for done in chunks.values() for c in done]
+    cards = _provenance(config, merged, len(rows), len(missing) if allow_missing else None, when)
     try:
-        written[flat_path] = write_tables(flat_path, [p for _, p in parts], cards,
-                                          labels=[t for t, _ in parts], drop=PER_TILE_CARDS)
+        written[flat_path] = write_tables(flat_path, [c.part for c in merged], cards,
+                                          labels=[c.tile for c in merged], keep=RUN_CARDS,
+                                          extra=[_tiles_hdu(chunks, tile_missing)])
     except ValueError as exc:
         raise CollateError(f"{flat_path}: cannot stack the tiles' tables: {exc}") from None
     _write_records(rundir, chunks, missing, written, rows, when, allow_missing)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 
 from .retry import decide, item_label
-from .run import _submit, record_submission
 from .rundir import RunDir
 from .schedulers.local import LocalTask
+from .submit import fit_env, record_submission, submit_array
 
 
 def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
@@ -23,13 +23,13 @@ def run_local(rundir: RunDir, config, scheduler, plan, dry_run, out) -> int:
     tiles = {t.name: t for t in rundir.tiles()}
     if dry_run:
         if plan.prep:
-            _submit(rundir, scheduler, "prep", None, [t.index for t in plan.prep], "prep", {}, None, True, out)
+            submit_array(rundir, scheduler, "prep", None, [t.index for t in plan.prep], "prep", {}, None, True,
+                         out)
         for name, chunks in plan.fits.items():
             if chunks is None:
                 out(f"# fits of tile {name}: run when its prep has counted the objects")
                 continue
-            _submit(rundir, scheduler, "fit", name, chunks, "fit", {"DRE_TILE": str(tiles[name].index)},
-                    None, True, out)
+            submit_array(rundir, scheduler, "fit", name, chunks, "fit", fit_env(tiles[name]), None, True, out)
         return 0
     prep_names = {t.name for t in plan.prep}
     tasks = [_prep_task(rundir, t) for t in plan.prep]
@@ -71,7 +71,7 @@ def _fit_tasks(rundir, scheduler, tile, chunks) -> list:
     if chunks:
         _record(rundir, scheduler, "fit", tile.name, chunks)
     return [LocalTask(key=("fit", tile.index, k), stage="fit", tile_index=tile.index,
-                      env={"DRE_ARRAY_INDEX": str(k), "DRE_TILE": str(tile.index)},
+                      env={"DRE_ARRAY_INDEX": str(k), **fit_env(tile)},
                       log=rundir.log("fit", tile.name, k)) for k in chunks]
 
 

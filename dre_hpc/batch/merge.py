@@ -2,11 +2,15 @@
 
 FITS: collating a run joins thousands of chunk tables with the same columns. Parsing each into an
 astropy Table and stacking them costs tens of milliseconds per file; here each table's header is
-read once (lazily), its data block is copied as bytes and a new header (the first part's, with
-``NAXIS2`` and the given cards) is written in front. Optionally a fixed-width string column (e.g.
-``TILE``) is put first, one label per part. Only plain binary tables qualify: no heap (``PCOUNT``
-0) and the same column keywords (``TTYPEn``, ``TFORMn``, ``TNULLn``, ...) in every part;
-otherwise `write_tables` falls back to astropy (read, stack, write), which is slower but general.
+read once (lazily), its data block is copied as bytes and a header built for the merged file is
+written in front: the first part's structure and column cards (units ``TUNITn`` and descriptions
+``TCOMMn`` included), ``NAXIS2`` the total, only the part cards named in `keep` (the cards that
+describe one part, e.g. a chunk's object range, never reach the merged file) and the given
+cards. Optionally a fixed-width string column (e.g. ``TILE``) is put first, one label per part,
+and further HDUs (e.g. a table of the tiles) after the table. Only plain binary tables qualify:
+no heap (``PCOUNT`` 0) and the same column keywords (``TTYPEn``, ``TFORMn``, ``TNULLn``, ...) in
+every part; otherwise `write_tables` falls back to astropy (read, stack, write), which is slower
+but general (a column whose unit differs between parts then has none).
 
 HDF5: `write_chi` copies every dataset of the chunk files into one file with ``H5Ocopy`` (no
 decompression or recompression), with the attributes of the first file.
@@ -17,6 +21,7 @@ Every output is written under a temporary name in its folder and renamed (`repla
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -28,11 +33,12 @@ from astropy.table import Column, Table, vstack
 
 from dre_hpc.batch.rundir import file_sha256
 from dre_hpc.errors import InputError
+from dre_hpc.io.columns import COLUMNS, read_units, write_fits_table
 from dre_hpc.io.fits_check import card_int, check_table, data_bytes, header_cards, open_binary, read_header
 
-COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|TCRPX|"
-                        r"TCRVL|TCDLT|TRPOS)(\d+)$")
-DROPPED = ("CHECKSUM", "DATASUM")          # invalid once the data change
+COLUMN_KEY = re.compile(r"^(TTYPE|TFORM|TUNIT|TCOMM|TNULL|TSCAL|TZERO|TDISP|TBCOL|TDIM|TCTYP|TCUNI|"
+                        r"TCRPX|TCRVL|TCDLT|TRPOS)(\d+)$")
+STRUCTURE = ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "TFIELDS")
 BLOCK = 2880
 CARD = 80
 
@@ -79,6 +85,11 @@ class TablePart:
     @property
     def nbytes(self) -> int:
         return self.width * self.rows
+
+    def value(self, key: str, default=None):
+        """The value of header keyword `key` (parsed from its card only), or `default`."""
+        card = _cards(self.raw).get(key)
+        return fits.Card.fromstring(card.decode("ascii", "replace")).value if card else default
 
 
 def read_part(path) -> TablePart:
@@ -128,8 +139,21 @@ def same_layout(parts) -> bool:
     return all(layout(p) == first for p in parts[1:])
 
 
+def merged_header(header: fits.Header, keep=(), cards=None) -> fits.Header:
+    """The header of a merged table: the structure and column cards of a part's `header`, its
+    cards named in `keep`, then `cards` (keyword: value or (value, comment))."""
+    out = fits.Header()
+    for card in header.cards:
+        if card.keyword in STRUCTURE or card.keyword in keep or COLUMN_KEY.match(card.keyword):
+            out.append(card)
+    for key, value in (cards or {}).items():
+        out[key] = value
+    return out
+
+
 def _with_label_column(header: fits.Header, name: str, width: int) -> fits.Header:
-    """`header` with a ``{width}A`` column `name` put first (the other columns renumbered)."""
+    """`header` with a ``{width}A`` column `name` (described by `COLUMNS` when it knows it) put
+    first, the other columns renumbered."""
     tfields, out = header["TFIELDS"], fits.Header()
     for card in header.cards:
         match = COLUMN_KEY.match(card.keyword)
@@ -140,6 +164,8 @@ def _with_label_column(header: fits.Header, name: str, width: int) -> fits.Heade
         if card.keyword == "TFIELDS":
             out.append(("TTYPE1", name))
             out.append(("TFORM1", f"{width}A"))
+            if name in COLUMNS:
+                out.append(("TCOMM1", COLUMNS[name].description))
     out["TFIELDS"] = tfields + 1
     out["NAXIS1"] = header["NAXIS1"] + width
     return out
@@ -170,20 +196,24 @@ def _rows(part: TablePart) -> bytes:
     return data
 
 
-def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TILE", drop=()) -> tuple:
+def hdu_bytes(hdu) -> bytes:
+    """The bytes of extension `hdu` as it stands in a file (header and padded data)."""
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer)
+    return buffer.getvalue()[BLOCK:]             # an empty primary HDU is one header block
+
+
+def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TILE", keep=(),
+                 extra=()) -> tuple:
     """Write the rows of `parts` (same layout) into a new FITS file at `path`: an empty primary
-    HDU and one binary table with the first part's header, ``NAXIS2`` the total, the `cards`
-    (keyword: value or (value, comment)) set, and with `labels` (one string per part) a first
-    string column `label_column`. Returns ``(sha256, bytes)`` of the file written."""
-    header = parts[0].header
-    for key in DROPPED + tuple(drop):
-        header.remove(key, ignore_missing=True)
+    HDU, one binary table with the `merged_header` of the first part (`keep`, `cards`),
+    ``NAXIS2`` the total, and with `labels` (one string per part) a first string column
+    `label_column`; then the HDUs `extra`. Returns ``(sha256, bytes)`` of the file written."""
+    header = merged_header(parts[0].header, keep, cards)
     width = max([1] + [len(label.encode("utf-8")) for label in labels]) if labels is not None else 0
     if labels is not None:
         header = _with_label_column(header, label_column, width)
     header["NAXIS2"] = sum(p.rows for p in parts)
-    for key, value in cards.items():
-        header[key] = value
     out = _HashingWriter(path)
     try:
         out.write(fits.PrimaryHDU().header.tostring().encode("ascii"))
@@ -200,6 +230,8 @@ def write_concat(path, parts, cards: dict, labels=None, label_column: str = "TIL
                 data = rows.tobytes()
             out.write(data)
         out.write(b"\0" * (-out.bytes % BLOCK))
+        for hdu in extra:
+            out.write(hdu_bytes(hdu))
     finally:
         result = out.close()
     return result
@@ -219,27 +251,42 @@ def replace_write(path, writer):
     return result
 
 
-def _stack_with_astropy(path, parts, cards: dict, labels, label_column: str, drop) -> tuple:
+def _read_described(part: TablePart) -> Table:
+    """A part's table with the units and descriptions of its header."""
+    return read_units(Table.read(part.path, format="fits", hdu=1, memmap=False), part.header)
+
+
+def _stack_with_astropy(path, parts, cards: dict, labels, label_column: str, keep, extra) -> tuple:
     """The general path: astropy reads, stacks (the same columns required) and writes."""
-    tables = [Table.read(p.path, format="fits", hdu=1, memmap=False) for p in parts]
+    tables = [_read_described(p) for p in parts]
+    for name in tables[0].colnames:            # a unit that differs between parts is none of them
+        if len({str(t[name].unit) for t in tables if name in t.colnames}) > 1:
+            for t in tables:
+                if name in t.colnames:
+                    t[name].unit = None
     if labels is not None:
+        info = COLUMNS.get(label_column)
         for table, label in zip(tables, labels):
-            table.add_column(Column(np.full(len(table), label.encode("utf-8")), name=label_column), index=0)
+            table.add_column(Column(np.full(len(table), label.encode("utf-8")), name=label_column,
+                                    description=info.description if info else None), index=0)
     table = vstack(tables, join_type="exact", metadata_conflicts="silent") if len(tables) > 1 else tables[0]
-    for key in drop:
-        table.meta.pop(key, None)
-    table.meta.update(cards)
-    table.write(path, format="fits", overwrite=True)
+    header = merged_header(parts[0].header, keep, cards)
+    table.meta = {card.keyword: (card.value, card.comment) for card in header.cards
+                  if card.keyword not in STRUCTURE and not COLUMN_KEY.match(card.keyword)}
+    write_fits_table(path, table, extra)
     return file_sha256(path), os.path.getsize(path)
 
 
-def write_tables(path, parts, cards: dict, labels=None, label_column: str = "TILE", drop=()) -> tuple:
+def write_tables(path, parts, cards: dict, labels=None, label_column: str = "TILE", keep=(),
+                 extra=()) -> tuple:
     """Concatenate the tables of `parts` into `path` (atomically): by bytes when their layouts
-    agree, else through astropy (a ValueError when their columns differ). `cards` are set and
-    `drop` removed in the header; with `labels` a first string column. Returns (sha256, bytes)."""
+    agree, else through astropy (a ValueError when their columns differ). The header is built
+    for the merged file (`merged_header`: `keep`, `cards`); with `labels` a first string column;
+    the HDUs `extra` follow the table. Returns (sha256, bytes)."""
+    args = (parts, cards, labels, label_column, keep, extra)
     if same_layout(parts):
-        return replace_write(path, lambda tmp: write_concat(tmp, parts, cards, labels, label_column, drop))
-    return replace_write(path, lambda tmp: _stack_with_astropy(tmp, parts, cards, labels, label_column, drop))
+        return replace_write(path, lambda tmp: write_concat(tmp, *args))
+    return replace_write(path, lambda tmp: _stack_with_astropy(tmp, *args))
 
 
 class DuplicateObject(ValueError):

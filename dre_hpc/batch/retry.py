@@ -20,7 +20,7 @@ times, then stays failed (``dre-batch run --failed-only`` reruns it by hand).
   SIGTERM first: `Scheduler.being_cancelled`, SLURM only; a PBS ``qdel`` cannot be told from the
   walltime, so there a deleted job resubmits itself while retries are left), checks that the latest submission of the item is still its own job (otherwise, e.g.
   after ``run --failed-only``, the item was resubmitted already), and submits the item through
-  `run._submit`, recording ``attempt`` and ``retry_of``, so `status` follows the new job. A prep
+  `submit.submit_array`, recording ``attempt`` and ``retry_of``, so `status` follows the new job. A prep
   is submitted again with its tile's unfinished fits, afterok on the new prep element, as
   ``run --failed-only`` does (with ``objects_per_chunk`` the new prep submits them itself).
 - local: the follow callback of `local_run` runs the task again under the same rule (`decide`)
@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 from .config import load_config
 from .rundir import RunDir
+from .schedulers import get_scheduler
+from .submit import fit_env, job_name, run_lock, submit_array
 
 RETRY_SCHEDULERS = ("slurm", "pbs")       # the local runner retries in local_run instead
 LOCK_WAIT = 120.0                         # seconds a job waits for the run lock before giving up
@@ -123,7 +125,6 @@ def own_record_attempt(rundir: RunDir, stage: str, tile, k, own_job):
     record, index = latest_record(rundir, stage, tile, k)
     if record is None or "attempt" not in record or own_job is None:
         return None
-    from .schedulers import get_scheduler
     scheduler = get_scheduler(load_config(rundir.config), rundir, record.get("scheduler"))
     if not same_job(scheduler.dependency_id(str(record["job_id"]), index), own_job):
         return None
@@ -137,8 +138,6 @@ def resubmit(rundir: RunDir, stage: str, tile, k, content: dict, own_job, out=pr
     config = load_config(rundir.config)
     if config.scheduler["name"] not in RETRY_SCHEDULERS or not (content or {}).get("retryable"):
         return None
-    from .run import run_lock
-    from .schedulers import get_scheduler
     what = item_label(stage, tile.name, k)
     if own_job is None:
         out(f"{what}: not resubmitted: not inside a {config.scheduler['name']} job (no job id)")
@@ -167,14 +166,13 @@ def resubmit(rundir: RunDir, stage: str, tile, k, content: dict, own_job, out=pr
 
 
 def _quiet(text) -> None:
-    """`_submit` prints each command; the finish step prints one line instead."""
+    """`submit_array` prints each command; the finish step prints one line instead."""
 
 
 def _resubmit_fit(rundir, config, scheduler, tile, k, extra) -> str:
     """Chunk `k` alone (its prep is done: the fit had started)."""
-    from .run import _submit
-    blocks = _submit(rundir, scheduler, "fit", tile.name, [k], f"{config.run['name']}-fit-{tile.name}",
-                     {"DRE_TILE": str(tile.index)}, None, False, _quiet, extra)
+    blocks = submit_array(rundir, scheduler, "fit", tile.name, [k], job_name(config, "fit", tile.name),
+                          fit_env(tile), None, False, _quiet, extra)
     return blocks[0][k][0]
 
 
@@ -182,15 +180,12 @@ def _resubmit_prep(rundir, config, scheduler, tile, k, extra) -> str:
     """The prep of `tile`, then its fit chunks without a done marker, afterok on the new prep
     element (their earlier submission depended on the interrupted prep: SLURM cancels such jobs
     or leaves them pending forever). Chunk count unknown (objects_per_chunk): the prep submits."""
-    from .run import _submit
-    name = config.run["name"]
-    blocks = _submit(rundir, scheduler, "prep", None, [tile.index], f"{name}-prep", {}, None, False,
-                     _quiet, extra)
+    blocks = submit_array(rundir, scheduler, "prep", None, [tile.index], job_name(config, "prep"), {}, None,
+                          False, _quiet, extra)
     job_id, offset = blocks[0][tile.index]
     if tile.n_chunks:
         chunks = [c for c in range(tile.n_chunks) if not rundir.marker("fit", tile.name, c, "done").exists()]
         if chunks:
-            _submit(rundir, scheduler, "fit", tile.name, chunks, f"{name}-fit-{tile.name}",
-                    {"DRE_TILE": str(tile.index)}, [scheduler.dependency_id(job_id, tile.index - offset)],
-                    False, _quiet)
+            submit_array(rundir, scheduler, "fit", tile.name, chunks, job_name(config, "fit", tile.name),
+                         fit_env(tile), [scheduler.dependency_id(job_id, tile.index - offset)], False, _quiet)
     return job_id

@@ -9,33 +9,24 @@ prep of a tile whose fit failed because the prep products changed (``redo_prep``
 scratch purge, say). Prep runs as one array over tiles, each tile's fits as one array over its chunks
 depending (afterok) on that tile's prep element. With ``objects_per_chunk`` the number of chunks
 is known only after prep: then the prep job submits its tile's fit array itself, afterok on its
-own element, before it writes its done marker (`submit_tile_fits`). A lock (``DIR/.run.lock``,
-flock) keeps two ``run`` commands apart; an interrupted job that resubmits itself (`retry`) takes
-it too, waiting a bounded time, and submits through `_submit` like ``run``.
+own element, before it writes its done marker (`submit.submit_tile_fits`). The run lock
+(`submit.run_lock`) keeps two ``run`` commands apart; an interrupted job that resubmits itself
+(`retry`) takes it too, waiting a bounded time; every submission goes through `submit`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-import shlex
-import time
 from dataclasses import dataclass, field
 
-from dre_hpc.errors import DreError
-
 from .config import load_config
-from .rundir import RunDir, utc_now
+from .local_run import run_local
+from .rundir import RunDir
 from .schedulers import get_scheduler
 from .status import collect
+from .submit import DRY_RUN_JOB_ID, fit_env, job_name, run_lock, submit_array
 
 SUBMITTABLE = {False: ("unsubmitted",), True: ("failed",)}
-DRY_RUN_JOB_ID = "{stage}_JOB_ID"    # --dry-run: stands for the id the submission would print
-
-
-class RunLockedError(DreError):
-    """Another ``dre-batch run`` is working on the same run directory."""
 
 
 @dataclass
@@ -49,38 +40,6 @@ class Plan:
 
     def empty(self) -> bool:
         return not self.prep and not self.fits
-
-
-LOCK_POLL = 0.2           # seconds between tries of a waiting run_lock
-
-
-@contextlib.contextmanager
-def run_lock(rundir: RunDir, wait: float = 0.0):
-    """Hold ``DIR/.run.lock`` exclusively for the body, or raise RunLockedError: at once
-    (`wait` 0, what ``dre-batch run`` does), else after trying for `wait` seconds (a job's
-    automatic retry: a ``run`` holding the lock never waits for a job, so this cannot deadlock)."""
-    handle = open(rundir.lock, "a+", encoding="utf-8")
-    deadline = time.monotonic() + wait
-    try:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(LOCK_POLL)
-                    continue
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise RunLockedError(f"{rundir.root}: another dre-batch run is working on this run "
-                                     f"directory ({holder}); wait for it or check `dre-batch status`") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} since {utc_now()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
 
 
 def plan_run(rundir: RunDir, status, failed_only=False, stage=None) -> Plan:
@@ -133,19 +92,17 @@ def run(run_dir, dry_run=False, failed_only=False, stage=None, out=print) -> int
             out(f"nothing to submit{hint}")
             return 0
         if scheduler.name == "local":
-            from .local_run import run_local
             return run_local(rundir, config, scheduler, plan, dry_run, out)
         return submit_plan(rundir, config, scheduler, plan, dry_run, out)
 
 
 def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
     """Submit the prep array, then each tile's fit array with afterok on its prep element."""
-    name = config.run["name"]
     prep_jobs = {}
     if plan.prep:
         indices = [t.index for t in plan.prep]
-        for block_jobs in _submit(rundir, scheduler, "prep", None, indices, f"{name}-prep", {}, None,
-                                  dry_run, out):
+        for block_jobs in submit_array(rundir, scheduler, "prep", None, indices, job_name(config, "prep"),
+                                       {}, None, dry_run, out):
             prep_jobs.update(block_jobs)
         if dry_run:
             out(f"# {DRY_RUN_JOB_ID.format(stage='PREP')} below: the job id the prep submission prints")
@@ -161,44 +118,9 @@ def submit_plan(rundir, config, scheduler, plan: Plan, dry_run, out) -> int:
         if tile.index in prep_jobs or tile.index in earlier:
             job_id, offset = prep_jobs.get(tile.index) or earlier[tile.index]
             after = [scheduler.dependency_id(job_id, tile.index - offset)]
-        _submit(rundir, scheduler, "fit", tile_name, sorted(chunks), f"{name}-fit-{tile_name}",
-                {"DRE_TILE": str(tile.index)}, after, dry_run, out)
+        submit_array(rundir, scheduler, "fit", tile_name, sorted(chunks), job_name(config, "fit", tile_name),
+                     fit_env(tile), after, dry_run, out)
     return 0
-
-
-def submit_tile_fits(rundir: RunDir, tile_index: int, n_chunks: int, after=None) -> list:
-    """Submit the `n_chunks` fit chunks of one tile, depending (afterok) on the ids in `after`
-    (called by its prep job when it has counted the objects)."""
-    config = load_config(rundir.config)
-    scheduler = get_scheduler(config, rundir)
-    tile = rundir.tile(tile_index)
-    return _submit(rundir, scheduler, "fit", tile.name, list(range(n_chunks)),
-                   f"{config.run['name']}-fit-{tile.name}", {"DRE_TILE": str(tile.index)}, after,
-                   False, lambda text: None)
-
-
-def _submit(rundir, scheduler, stage, tile, indices, job_name, env, after, dry_run, out,
-            extra=None) -> list:
-    """Submit one array per block of `indices`; record each (with the `extra` fields, e.g. the
-    ``attempt`` of an automatic retry); return ``[{index: (job_id, offset)}]``."""
-    results = []
-    for argv, block, offset in scheduler.submit_commands(stage, indices, job_name, env, after):
-        out(shlex.join(argv))
-        if dry_run:          # a stand-in id, so the dependent commands show their dependency
-            results.append({i: (DRY_RUN_JOB_ID.format(stage=stage.upper()), offset) for i in block})
-            continue
-        job_id = scheduler.submit(argv)
-        record_submission(rundir, scheduler, stage, tile, block, offset, job_id, argv, extra)
-        results.append({i: (job_id, offset) for i in block})
-    return results
-
-
-def record_submission(rundir, scheduler, stage, tile, indices, offset, job_id, argv, extra=None) -> None:
-    """Save one submission (the ``jobs/<n>.json`` record that `status` reads); an automatic retry
-    adds ``attempt`` (the attempt it starts) and ``retry_of`` (the job that was interrupted)."""
-    rundir.record_submission({"stage": stage, "tile": tile, "indices": list(indices), "offset": offset,
-                              "job_id": job_id, "scheduler": scheduler.name, "command": list(argv),
-                              "time": utc_now(), **(extra or {})})
 
 
 def _pending_prep_jobs(rundir) -> dict:

@@ -34,6 +34,7 @@ from .comm import SerialComm, open_comm
 from .fit_job import convolve_for_fits, remove_chunk_outputs, run_fit
 from .prep_job import run_prep
 from .rundir import RunDir, Tile, mask_world_writable, utc_now
+from .submit import submit_tile_fits
 
 FAILED_EXIT = 1
 
@@ -189,7 +190,6 @@ def chain_fits(rundir: RunDir, tile: Tile, n_chunks: int) -> None:
     config = load_config(rundir.config)
     if config.scheduler["name"] == "local":           # the local runner starts the fits itself
         return
-    from .run import submit_tile_fits
     own = environment.job_id()                         # this array element: 123_4, 123[4].server
     try:
         submit_tile_fits(rundir, tile.index, n_chunks, [own] if own else None)

@@ -106,7 +106,8 @@ def _clean(args, argv):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dre-batch", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="dre-batch", description="Chunked runs of the tile workflow "
+                                "(SExtractor, PSFEx, cuts, fits) on SLURM, PBS or this machine.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("setup", help="create a run directory and render its job scripts; submit nothing")
     s.add_argument("config", help="run config (YAML; see run_configs/)")

@@ -10,6 +10,7 @@ from astropy.io.fits.verify import VerifyError
 from astropy.table import Table, TableMergeError, vstack
 
 from ..errors import InputError
+from .columns import read_units
 from .fits_check import check_fits
 
 
@@ -27,7 +28,9 @@ def read_catalog(path) -> Table:
     """The object table of a catalogue: HDU ``LDAC_OBJECTS`` (FITS_LDAC) or the first table HDU.
 
     A FITS_LDAC catalogue of a multi-extension image has one ``LDAC_OBJECTS`` HDU per image
-    extension: they are stacked in file order.
+    extension: they are stacked in file order. Columns keep the file's units and descriptions
+    (`columns.read_units`); ``meta["BUNIT"]`` is the image's BUNIT when the catalogue's copy of
+    the image header (``LDAC_IMHEAD``) has one.
     """
     if not Path(path).is_file():
         raise InputError(f"catalogue {path} does not exist" if not Path(path).exists()
@@ -41,14 +44,33 @@ def read_catalog(path) -> Table:
                 hdus = [h for h in hdul if isinstance(h, (fits.BinTableHDU, fits.TableHDU))][:1]
             if not hdus:
                 raise InputError(f"catalogue {path}: no LDAC_OBJECTS or table HDU")
-            tables = [Table(h.data) for h in hdus]
-            table = tables[0] if len(tables) == 1 else vstack(tables, join_type="exact")
+            tables = [read_units(Table(h.data), h.header) for h in hdus]
+            table = tables[0] if len(tables) == 1 else vstack(tables, join_type="exact",
+                                                              metadata_conflicts="silent")
+            bunit = _image_bunit(hdul)
     except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError, VerifyError,
             TableMergeError) as exc:
         raise InputError(f"catalogue {path}: cannot be read as FITS ({exc})") from None
     if "NUMBER" not in table.colnames:
         raise InputError(f"catalogue {path}: no NUMBER column; a SExtractor catalogue is expected")
+    if bunit is not None:
+        table.meta["BUNIT"] = bunit
     return table
+
+
+def _image_bunit(hdul) -> str | None:
+    """BUNIT of the image header that SExtractor stores in the first ``LDAC_IMHEAD`` HDU, or None."""
+    for hdu in hdul:
+        if hdu.name == "LDAC_IMHEAD" and hdu.data is not None and len(hdu.data):
+            cards = (c.decode("ascii", "replace") if isinstance(c, bytes) else str(c)
+                     for c in np.ravel(hdu.data[0][0]))
+            text = "".join(c.ljust(80) for c in cards)        # astropy strips trailing blanks
+            for i in range(0, len(text), 80):
+                if text.startswith("BUNIT   =", i):
+                    value = fits.Card.fromstring(text[i:i + 80]).value
+                    return str(value).strip() or None
+            return None
+    return None
 
 
 def offsets_from_catalog(objects, table, boxsize=128) -> int:

@@ -14,6 +14,7 @@ from astropy.io import fits
 from astropy.table import Table, join, unique
 
 from ..errors import DreError
+from .columns import COLUMNS, describe, write_fits_table
 from .cuts import COMPRESSION
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,9 @@ ORIGINAL_COLUMNS = ["ROW", "MODEL_IDX", "CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR"
                     "LOGR_PARAB", "LOGR_STD", "INDEX", "LOGR", "AX_RATIO", "ANGLE", "EXT_NUMBER", "NUMBER"]
 EXTRA_COLUMNS = ["FLUX", "FLUX_ERR", "MAG", "MAG_ERR", "CHI2", "DOF", "NPIX",
                  "INDEX_MEAN", "INDEX_ERR", "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR",
-                 "LOGR_MEAN", "LOGR_ERR", "X_IMAGE", "Y_IMAGE", "DX", "DY", "FLAGS"]
+                 "LOGR_MEAN", "LOGR_ERR", "INDEX_FIT", "INDEX_FIT_ERR", "AX_RATIO_FIT", "AX_RATIO_FIT_ERR",
+                 "ANGLE_FIT", "ANGLE_FIT_ERR", "LOGR_FIT", "LOGR_FIT_ERR", "FLUX_FIT", "FLUX_FIT_ERR",
+                 "X_IMAGE", "Y_IMAGE", "DX", "DY", "FLAGS"]
 #: Prefix given to catalogue columns whose names clash with ours (e.g. SExtractor's FLAGS).
 CATALOG_PREFIX = "SEX_"
 
@@ -43,7 +46,10 @@ def magnitudes(flux, flux_err, zero_point):
 
 def summary_table(results: dict, objects, zero_point=None, catalog: Table | None = None,
                   meta: dict | None = None) -> Table:
-    """The per-object table: original columns, ours, then catalogue columns joined on the object id."""
+    """The per-object table: original columns, ours, then catalogue columns joined on the object id.
+
+    Our columns get their units and descriptions (`columns.describe`; fluxes in the unit of the
+    image's BUNIT, which `read_catalog` finds in the catalogue, else ADU); the catalogue's keep theirs."""
     cols = dict(results)
     cols.pop("SURFACE", None)
     n = len(objects)
@@ -53,6 +59,7 @@ def summary_table(results: dict, objects, zero_point=None, catalog: Table | None
     cols["MAG"], cols["MAG_ERR"] = magnitudes(cols["FLUX"], cols["FLUX_ERR"], zero_point)
     order = ORIGINAL_COLUMNS + EXTRA_COLUMNS
     table = Table([cols[c] for c in order], names=order)
+    describe(table, bunit=catalog.meta.get("BUNIT") if catalog is not None else None)
     for key, value in (meta or {}).items():
         table.meta[key] = value
     if catalog is not None and len(catalog):
@@ -62,6 +69,7 @@ def summary_table(results: dict, objects, zero_point=None, catalog: Table | None
 
 def _join_catalog(table: Table, catalog: Table) -> Table:
     catalog = catalog.copy(copy_data=False)
+    catalog.meta.clear()                  # the summary's header cards are ours
     for name in [c for c in catalog.colnames if c.startswith("VIGNET")]:
         catalog.remove_column(name)
     keys = ["NUMBER"] + (["EXT_NUMBER"] if "EXT_NUMBER" in catalog.colnames else [])
@@ -82,6 +90,8 @@ def _join_catalog(table: Table, catalog: Table) -> Table:
         return table
     joined = join(table, catalog, keys=keys, join_type="left")
     joined.sort("ROW")
+    for key in keys:                      # the join keys are ours: our unit and description
+        joined[key].unit, joined[key].info.description = table[key].unit, table[key].info.description
     return joined
 
 
@@ -102,10 +112,15 @@ class _writing:
 
 
 def write_summary(path, table: Table) -> None:
+    """The summary table in HDU 1, with its columns' units (TUNITn) and descriptions (TCOMMn); our
+    columns that lost their description on the way (a caller replaced ``ROW``) get it back."""
+    for name in ORIGINAL_COLUMNS + EXTRA_COLUMNS:
+        if name in table.colnames and not table[name].info.description:
+            table[name].info.description = COLUMNS[name].description
     with _writing(path, "summary") as path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        table.write(tmp, format="fits", overwrite=True)
+        write_fits_table(tmp, table)
         tmp.replace(path)
 
 

@@ -1,1 +1,1 @@
-"""Run reports: validation against simulated truth (figures and HTML to come)."""
+"""Run reports: the HTML page and its figures, a gallery of fits, validation against simulated truth."""

@@ -1,8 +1,9 @@
 """``dre-batch report DIR``: the run report, built from the collated files of a run.
 
 `build_report` writes ``DIR/output/report/``: ``index.html`` (one page, CSS inline, no script), the
-PNG figures it shows, ``report.json`` (the summary, per-tile counts, chunk times) and, when the tiles
-come from the simulator, ``validation.json``. The folder is written under a temporary name and
+PNG figures it shows, ``report.json`` (the summary, per-tile counts, chunk times; ``units`` names
+the unit of each number that has one, `REPORT_UNITS`) and, when the tiles come from the simulator,
+``validation.json``. The folder is written under a temporary name and
 swapped in whole, so a page never points at a figure of an earlier report. `text_summary` gives the
 headline numbers as a table for a terminal (``report --text``, which writes nothing).
 
@@ -30,6 +31,9 @@ from .validation import validate
 
 REPORT = "report"
 GALLERY_SIZE = 12                   # random fits shown; as many of the worst fits
+#: Units of the numbers of report.json that have one, by key path (the others are counts or fractions).
+REPORT_UNITS = {"summary.chunk_seconds": "s", "summary.objects_per_chunk_second": "1 / s",
+                "seconds": "s", "chunk_times.seconds": "s"}
 
 
 @dataclass
@@ -145,7 +149,8 @@ def _write_folder(out: Path, data: RunData, report: Report, gallery: int) -> Non
     _write_json(out / "report.json", {"time": utc_now(), "summary": head, "notes": report.notes,
                                        "missing": data.missing, "seconds": seconds,
                                        "chunk_times": [asdict(t) for t in data.chunk_times],
-                                       "validation": "validation.json" if report.validation else None})
+                                       "validation": "validation.json" if report.validation else None,
+                                       "units": REPORT_UNITS})
 
 
 def _write_json(path: Path, content: dict) -> None:

@@ -14,7 +14,8 @@ parameter      difference                                   objects
 =============  ===========================================  ==============================
 
 ``bias`` is the median difference and ``scatter`` 1.4826 x the median absolute deviation (a robust
-sigma); ``mean``, ``rms`` and ``n`` come with them. The same statistics are given in bins of the
+sigma); ``mean``, ``rms`` and ``n`` come with them, in the unit that ``units`` gives per parameter
+(`DIFFERENCE_UNITS`, astropy strings; empty: dimensionless). The same statistics are given in bins of the
 true S/N (`SNR_EDGES`) and of the true size (four equal bins over the grid's log r range; an open
 bin edge is null). Every number is a plain float, int or null, so `validate` returns what
 ``validation.json`` holds.
@@ -32,6 +33,8 @@ from ..sim.match import ELONGATED_BELOW, match_positions, recovered
 SNR_EDGES = (0.0, 20.0, 50.0, 100.0, 200.0, 500.0, np.inf)
 MATCH_RADIUS = 2.0               # pixels
 PARAMETERS = ("AX_RATIO", "ANGLE", "LOGR", "INDEX", "FLUX")
+#: Unit of each parameter's differences, bias and scatter (LOGR: log10 pixels; FLUX: a fraction).
+DIFFERENCE_UNITS = {"AX_RATIO": "", "ANGLE": "deg", "LOGR": "dex", "INDEX": "", "FLUX": ""}
 
 
 def differences(fitted, truth) -> dict:
@@ -98,7 +101,7 @@ def validate(pairs, grid) -> dict:
     clean = np.asarray(fitted["FLAGS"]) == 0 if len(fitted) else np.zeros(0, bool)
     f, t = fitted[clean], truth[clean]
     result = {"truth_galaxies": n_truth, "matched": len(fitted), "matched_unflagged": int(clean.sum()),
-              "headline": headline(f, t, grid), "parameters": {}}
+              "headline": headline(f, t, grid), "units": dict(DIFFERENCE_UNITS), "parameters": {}}
     edges = size_edges(grid)
     for name, (diff, use) in differences(f, t).items():
         snr, size = np.asarray(t["SNR"], float)[use], np.asarray(t["LOGR"], float)[use]

@@ -34,6 +34,7 @@ from astropy.table import Table
 
 from .. import __version__
 from ..errors import InputError
+from ..io.columns import TRUTH_INFO, describe, write_fits_table
 from .cutouts import _galsim
 
 #: Header keys of the scalar spec fields (image and truth headers) and of the (low, high) ranges.
@@ -218,7 +219,8 @@ def simulate_tile(spec: TileSpec, image_path, truth_path) -> tuple[Path, Path]:
     _atomic_write(image_path, lambda tmp: fits.PrimaryHDU(data, header).writeto(tmp, overwrite=True))
     truth.meta.update({key: value for key, value, *_ in spec_cards(spec)})
     truth.meta["IMAGE"] = image_path.name
-    _atomic_write(truth_path, lambda tmp: truth.write(tmp, format="fits", overwrite=True))
+    describe(truth, bunit=header["BUNIT"], overrides=TRUTH_INFO)         # TUNITn, TCOMMn
+    _atomic_write(truth_path, lambda tmp: write_fits_table(tmp, truth))
     return image_path, truth_path
 
 
