@@ -1,10 +1,12 @@
-"""Sub-grid refinement (`dre_hpc.fit.subgrid`): exact on quadratic surfaces, honest flags, and
-better than the grid on simulated galaxies.
+"""Sub-grid refinement (`dre_hpc.fit.subgrid`): exact where the models are quadratic in the grid's
+coordinates, honest flags, and better than the grid on simulated galaxies.
 
-The synthetic surfaces are chi-squares defined on the real grids (the default n = 4 grid and the
-``sersic`` preset's) from a known vertex and Hessian; for them the central-difference quadratic is
-exact, so vertex, covariance and flux must come back to rounding. The last test fits GalSim
-galaxies (S/N 50-200, continuous parameters) with the default cube and compares with truth.
+The synthetic model sets are random pixel vectors that vary with each cell's grid coordinates as a
+quadratic polynomial (cross terms included), on the real grids (the default n = 4 grid and the
+``sersic`` preset's): quadratic Lagrange interpolation between the window's models reproduces them
+exactly, so noiseless data give back the parameters and the flux to rounding, and the errors equal
+the Fisher matrix's (J^T W J)^-1 of the same model. The last test fits GalSim galaxies (S/N 50-200,
+continuous parameters) with the default cube and compares with truth.
 """
 
 from __future__ import annotations
@@ -13,135 +15,133 @@ import numpy as np
 import pytest
 
 from dre_hpc.fit.engine import FitOptions, fit_cutouts
-from dre_hpc.fit.subgrid import UNIFORM_ANGLE_ERR, refine, refined_axes, second_minimum
+from dre_hpc.fit.subgrid import (UNIFORM_ANGLE_ERR, refine, refined_axes, second_minimum, window,
+                                 window_products)
 from dre_hpc.flags import FitFlag
 from dre_hpc.models.generate import sersic_grid
 from dre_hpc.models.grid import ModelGrid
 from dre_hpc.sim.match import angle_distance
 
+N_PIX = 60
+SIGMA = 0.05
+
 
 def _coords(grid):
-    """(cells, 4) parameter values of every cell of the full grid."""
-    mesh = np.meshgrid(*(a.values for a in grid.axes), indexing="ij")
+    """(cells, 4) grid indices of every cell of the full grid."""
+    mesh = np.meshgrid(*(np.arange(a.count, dtype=float) for a in grid.axes), indexing="ij")
     return np.stack([m.ravel() for m in mesh], axis=1)
 
 
-def _surface(grid, vertex, hess, angle_period=180.0):
-    """chi2 = 10 + 1/2 (x - v)^T H (x - v) over the grid (x in parameter units, the angle
-    difference wrapped to +-90 degrees) and ln(amp) = 5 + 0.3 (logr - v_logr)."""
-    x = _coords(grid)
-    dx = x - np.asarray(vertex)
-    dx[:, 2] = (dx[:, 2] + angle_period / 2) % angle_period - angle_period / 2
-    chi2 = 10.0 + 0.5 * np.einsum("ci,ij,cj->c", dx, hess, dx)
-    amp = np.exp(5.0 + 0.3 * dx[:, 3])
-    return chi2, amp
+class QuadraticModels:
+    """Pixel vectors m(x) = base + sum_j x_j A_j + sum_{j<=k} x_j x_k B_jk of grid coordinates x
+    (indices, on the refined axes; ``flat`` axes left out), scaled to unit sum at the centre."""
+
+    def __init__(self, grid, seed=3, flat=()):
+        rng = np.random.default_rng(seed)
+        self.grid, self.axes = grid, [i for i in refined_axes(grid) if grid.axes[i].name not in flat]
+        d = len(self.axes)
+        self.base = 10 + rng.random(N_PIX)
+        self.lin = rng.normal(0, 1.0, (d, N_PIX))
+        self.quad = {(j, k): rng.normal(0, 0.05, N_PIX) for j in range(d) for k in range(j, d)}
+
+    def at(self, x):
+        """(..., P) models at grid coordinates x (..., 4)."""
+        x = np.asarray(x, float)[..., self.axes] - np.array([self.grid.axes[i].count / 2 for i in self.axes])
+        m = self.base + np.einsum("...j,jp->...p", x, self.lin)
+        for (j, k), b in self.quad.items():
+            m = m + (x[..., j] * x[..., k])[..., None] * b
+        return m / 1000.0
+
+    def matrix(self):
+        return np.ascontiguousarray(self.at(_coords(self.grid)).T.astype(np.float32))   # (P, K)
 
 
-def _run(grid, chi2, amp, best=None, reduced=1.0):
-    """refine() on one object whose full-grid surfaces are `chi2` and `amp`."""
-    best = int(np.argmin(chi2)) if best is None else best
+def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2):
+    """refine() of one object: window products from `models` (P, K), every cell its own model."""
+    best_full = np.array([np.ravel_multi_index(tuple(best_idx), grid.shape)])
+    cells, centre = window(grid, np.array([best_idx]))
+    d = data[None, :].astype(np.float32)
+    w = np.full_like(d, weight)
+    b, gram = window_products(np, models, d, w, cells)
+    c_total = (w.astype(float) * d * d).sum(axis=1)
+    values = {k: np.atleast_1d(v) for k, v in grid.parameters(best_full).items()}
+    return refine(grid, values, best_full, centre, b, gram, c_total, np.array([1.0]), np.array([0.1]),
+                  np.array([1.0]))
 
-    def fetch(cells, rows):
-        return chi2[cells].astype(np.float64), amp[cells].astype(np.float64)
 
-    values = {k: np.atleast_1d(v) for k, v in grid.parameters(np.array([best])).items()}
-    return refine(grid, values, np.array([best]), fetch, np.array([amp[best]]),
-                  np.array([0.01 * amp[best]]), np.array([reduced]))
-
-
-def _hessian(sigmas, corr=0.3):
-    """A Hessian 2 C^-1 for the covariance C of the given sigmas, neighbours correlated."""
-    d = len(sigmas)
-    c = np.eye(d) + corr * (np.eye(d, k=1) + np.eye(d, k=-1))
-    cov = c * np.outer(sigmas, sigmas)
-    return 2 * np.linalg.inv(cov), cov
+def _fisher_errors(qm, x_true, amp):
+    """1-sigma errors (parameter units; flux last) from (J^T W J)^-1 of a m(x) at x_true."""
+    cols = []
+    for i in qm.axes:
+        dx = np.zeros(4)
+        dx[i] = 1e-5
+        cols.append(amp * (qm.at(x_true + dx) - qm.at(x_true - dx)) / 2e-5)
+    cols.append(qm.at(x_true))
+    jac = np.stack(cols, 1)
+    cov = np.linalg.inv(jac.T @ jac / SIGMA ** 2)
+    steps = [qm.grid.axes[i].step for i in qm.axes] + [1.0]
+    return np.sqrt(np.diag(cov)) * np.array(steps)
 
 
 @pytest.mark.parametrize("grid_name", ["default", "sersic"])
-def test_quadratic_surface_is_recovered_exactly(grid_name):
+def test_quadratic_models_are_recovered_exactly(grid_name):
     grid = ModelGrid.default() if grid_name == "default" else sersic_grid()
-    vertex = [4.0 if grid_name == "default" else 2.3, 0.43, 52.0, 0.61]
-    sig = np.array([0.3, 0.05, 6.0, 0.04])
-    if grid_name == "default":
-        hess3, cov3 = _hessian(sig[1:])
-        hess, cov = np.zeros((4, 4)), np.zeros((4, 4))
-        hess[1:, 1:], cov[1:, 1:] = hess3, cov3
-    else:
-        hess, cov = _hessian(sig)
-    chi2, amp = _surface(grid, vertex, hess)
-    out = _run(grid, chi2, amp)
+    qm = QuadraticModels(grid)
+    x_true = np.array([0.0 if grid_name == "default" else 5.37, 4.3, 5.4, 10.6])
+    data = 3.0 * qm.at(x_true)
+    out = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int))
     assert out["FLAGS"][0] == 0
-    names = ("INDEX", "AX_RATIO", "ANGLE", "LOGR")
-    for i in (refined_axes(grid)):
-        assert out[f"{names[i]}_FIT"][0] == pytest.approx(vertex[i], abs=1e-9)
-        assert out[f"{names[i]}_FIT_ERR"][0] == pytest.approx(np.sqrt(cov[i, i]), rel=1e-9)
-    assert out["FLUX_FIT"][0] == pytest.approx(np.exp(5.0), rel=1e-9)
+    errors = _fisher_errors(qm, x_true, 3.0)
+    for j, i in enumerate(qm.axes):
+        a = grid.axes[i]
+        assert out[f"{a.name}_FIT"][0] == pytest.approx(a.start + x_true[i] * a.step, abs=1e-4 * a.step)
+        assert out[f"{a.name}_FIT_ERR"][0] == pytest.approx(errors[j], rel=1e-3)
+    assert out["FLUX_FIT"][0] == pytest.approx(3.0, rel=1e-5)
+    assert out["FLUX_FIT_ERR"][0] == pytest.approx(errors[-1], rel=1e-3)
     if grid_name == "default":                       # a one-value axis keeps its value, no error
         assert out["INDEX_FIT"][0] == 4.0 and np.isnan(out["INDEX_FIT_ERR"][0])
 
 
-def test_reduced_chi2_above_one_inflates_the_errors():
-    grid = ModelGrid.default()
-    hess = np.diag([0.0, 2 / 0.05 ** 2, 2 / 6.0 ** 2, 2 / 0.04 ** 2])
-    chi2, amp = _surface(grid, [4.0, 0.43, 52.0, 0.61], hess)
-    plain, inflated = _run(grid, chi2, amp, reduced=0.8), _run(grid, chi2, amp, reduced=4.0)
-    assert plain["LOGR_FIT_ERR"][0] == pytest.approx(0.04, rel=1e-9)
-    assert inflated["LOGR_FIT_ERR"][0] == pytest.approx(0.08, rel=1e-9)
-
-
-def test_angle_wraps_around_180_degrees():
-    grid = ModelGrid.default()
-    hess = np.diag([0.0, 2 / 0.05 ** 2, 2 / 5.0 ** 2, 2 / 0.04 ** 2])
-    chi2, amp = _surface(grid, [4.0, 0.43, 177.0, 0.61], hess)
-    out = _run(grid, chi2, amp)
-    assert out["FLAGS"][0] == 0
-    assert out["ANGLE_FIT"][0] == pytest.approx(177.0, abs=1e-9)
-
-
 def test_round_galaxy_keeps_the_grid_angle():
-    """No curvature along the angle: the rest is refined, the angle gets a uniform spread."""
+    """Models that do not change with the angle: the rest is fitted exactly, the angle is the best
+    cell's with the spread of a uniform angle."""
     grid = ModelGrid.default()
-    hess = np.diag([0.0, 2 / 0.05 ** 2, 0.0, 2 / 0.04 ** 2])
-    chi2, amp = _surface(grid, [4.0, 0.93, 30.0, 0.61], hess)
-    out = _run(grid, chi2, amp)
+    qm = QuadraticModels(grid, flat=("ANGLE",))
+    x_true = np.array([0.0, 4.3, 7.0, 10.6])
+    out = _refine(grid, qm.matrix(), 2.0 * qm.at(x_true), np.array([0, 4, 7, 11]))
     assert out["FLAGS"][0] == 0
-    assert out["AX_RATIO_FIT"][0] == pytest.approx(0.93, abs=1e-9)
-    assert out["LOGR_FIT"][0] == pytest.approx(0.61, abs=1e-9)
+    assert out["AX_RATIO_FIT"][0] == pytest.approx(0.1 + 4.3 * 0.1, abs=1e-5)
+    assert out["LOGR_FIT"][0] == pytest.approx(-0.70 + 10.6 * 0.12, abs=1e-5)
+    assert out["ANGLE_FIT"][0] == pytest.approx(7 * 15.0)
     assert out["ANGLE_FIT_ERR"][0] == pytest.approx(UNIFORM_ANGLE_ERR)
-    assert out["ANGLE_FIT"][0] in grid.angle.values
 
 
-def test_no_minimum_is_flagged_and_keeps_the_grid_values():
+def test_minimum_beyond_a_grid_step_is_found_and_flagged():
+    """A best cell 1.4 radius steps from the truth (as a noisy surface could give): the minimum is
+    still found exactly, and REFINE_FAR says that it moved."""
     grid = ModelGrid.default()
-    chi2, amp = _surface(grid, [4.0, 0.43, 52.0, 0.61], np.diag([0.0, -50.0, -0.01, -400.0]))
-    best = int(np.argmin(chi2))
-    out = _run(grid, chi2, amp, best=best)
-    assert out["FLAGS"][0] & FitFlag.REFINE_FAILED
-    values = grid.parameters(np.array([best]))
-    for name in ("AX_RATIO", "ANGLE", "LOGR"):
-        assert out[f"{name}_FIT"][0] == pytest.approx(values[name][0])
-        assert np.isnan(out[f"{name}_FIT_ERR"][0])
-
-
-def test_vertex_far_from_the_grid_best_is_flagged():
-    """A best cell two radius steps from the vertex (as a noisy surface could give): the Newton
-    step on the grid still finds the vertex, and the flag says it moved."""
-    grid = ModelGrid.default()
-    hess = np.diag([0.0, 2 / 0.05 ** 2, 2 / 6.0 ** 2, 2 / 0.1 ** 2])
-    chi2, amp = _surface(grid, [4.0, 0.43, 52.0, 0.61], hess)
-    idx = list(np.unravel_index(int(np.argmin(chi2)), grid.shape))
-    idx[3] -= 2
-    out = _run(grid, chi2, amp, best=int(np.ravel_multi_index(idx, grid.shape)))
+    qm = QuadraticModels(grid)
+    x_true = np.array([0.0, 4.3, 5.4, 10.6])
+    out = _refine(grid, qm.matrix(), 3.0 * qm.at(x_true), np.array([0, 4, 5, 12]))
     assert out["FLAGS"][0] & FitFlag.REFINE_FAR
-    assert out["LOGR_FIT"][0] == pytest.approx(0.61, abs=1e-9)
+    assert out["LOGR_FIT"][0] == pytest.approx(-0.70 + 10.6 * 0.12, abs=1e-3 * 0.12)
+
+
+def test_no_positive_amplitude_fails_and_keeps_the_grid_values():
+    grid = ModelGrid.default()
+    qm = QuadraticModels(grid)
+    out = _refine(grid, qm.matrix(), -qm.at(np.array([0.0, 4.3, 5.4, 10.6])), np.array([0, 4, 5, 11]))
+    assert out["FLAGS"][0] & FitFlag.REFINE_FAILED
+    assert out["LOGR_FIT"][0] == pytest.approx(-0.70 + 11 * 0.12)
+    assert np.isnan(out["LOGR_FIT_ERR"][0])
 
 
 @pytest.mark.parametrize("depth,flagged", [(0.5, True), (3.0, False)])
 def test_second_minimum_within_one_delta_chi2(depth, flagged):
     grid = ModelGrid.default()
     x = _coords(grid)
-    well = lambda centre: ((x[:, 1] - centre[0]) / 0.05) ** 2 + ((x[:, 3] - centre[1]) / 0.05) ** 2
-    chi2 = np.minimum(well((0.3, 0.2)), well((0.8, 1.0)) + depth) + 1e-3 * (x[:, 2] / 15.0) ** 2
+    well = lambda centre: (x[:, 1] - centre[0]) ** 2 + (x[:, 3] - centre[1]) ** 2
+    chi2 = np.minimum(well((2, 8)), well((7, 14)) + depth) + 1e-3 * x[:, 2] ** 2
     best = int(np.argmin(chi2))
     found = second_minimum(grid, chi2[None, :], np.array([best]), np.arange(grid.size))
     assert bool(found[0]) is flagged

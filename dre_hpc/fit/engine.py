@@ -18,7 +18,7 @@ from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_fa
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
 from .model_matrix import ModelMatrix
 from .refine import refined_flux, window_cells
-from .subgrid import FIT_COLUMNS, refine, second_minimum
+from .subgrid import FIT_COLUMNS, refine, refined_axes, second_minimum, window, window_products
 from .summary import posterior_weights, summarize
 
 STATISTICS = ("wls", "dre")
@@ -270,11 +270,35 @@ def _fit_group(mm, grp, options, shrink):
     return best, chi2_best, amp, err, chi2_u, stat_u, amp_u
 
 
+class _Windows:
+    """Per object of a batch (host arrays): the sub-grid window's centre and products (`subgrid`)."""
+
+    def __init__(self, grid, n_obj):
+        self.grid = grid
+        d, c = len(refined_axes(grid)), 3 ** len(refined_axes(grid))
+        self.centre = np.zeros((n_obj, d), dtype=np.int64)
+        self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
+
+    def add(self, xp, mm, grp, best_unique):
+        """The windows around the best models of a fitted group."""
+        if not self.centre.shape[1]:
+            return
+        idx = np.stack(np.unravel_index(mm.representatives[best_unique], self.grid.shape), axis=1)
+        cells, self.centre[grp.index] = window(self.grid, idx)
+        self.b[grp.index], self.gram[grp.index] = window_products(xp, mm.models[:grp.n], grp.d, grp.w,
+                                                                  mm.inverse[cells])
+        w = grp.w.astype(xp.float64)
+        self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
+
+    def rows(self, rows):
+        return self.centre[rows], self.b[rows], self.gram[rows], self.c_total[rows]
+
+
 def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
     """The statistic of every object of a batch against every unique model, group by group.
 
     Returns backend arrays (best, chi2_best, amp, err, chi2 (N, K), stat (N, K), amp (N, K)), the
-    host (N,) usable pixel counts and flags.
+    host (N,) usable pixel counts and flags, and the sub-grid windows (`_Windows`; None for ``dre``).
     """
     xp = mm.xp
     clean = clean_cutouts(cuts)
@@ -289,16 +313,20 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
     if same_surface:
         out[5] = out[4]
     npix = np.zeros(n_obj, dtype=np.int64)
+    windows = _Windows(mm.grid, n_obj) if options.statistic == "wls" else None
     for index in product_groups(extent, k):
         n = max(int(extent[index].max()), 1)
         grp = prepare_group(xp, mm, clean, index, n, centre, options.min_pixels)
         npix[index] = grp.npix
         rows = xp.asarray(index)
-        for i, value in enumerate(_fit_group(mm, grp, options, shrink)):
+        fitted = _fit_group(mm, grp, options, shrink)
+        for i, value in enumerate(fitted):
             if not (same_surface and i == 5):
                 out[i][rows] = value
+        if windows is not None:
+            windows.add(xp, mm, grp, to_host(fitted[0]))
     flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
-    return (*out, npix, flags)
+    return (*out, npix, flags, windows)
 
 
 def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
@@ -307,25 +335,25 @@ def fit_batch(mm: ModelMatrix, cuts, options: FitOptions) -> dict:
     The statistic is computed for the whole batch (`fit_statistic`), the columns `SUMMARY_ROWS`
     objects at a time (every column is computed row by row)."""
     fitted = fit_statistic(mm, cuts, options)
-    n = len(fitted[-1])
-    parts = [_batch_columns(mm, options, fitted, slice(lo, min(lo + SUMMARY_ROWS, n)))
+    n = len(fitted[8])
+    refined = _refined(mm, fitted)
+    parts = [_batch_columns(mm, options, fitted, refined, slice(lo, min(lo + SUMMARY_ROWS, n)))
              for lo in range(0, max(n, 1), SUMMARY_ROWS)]
     return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, rows: slice) -> dict:
+def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, refined, rows: slice) -> dict:
     """The catalogue columns and surfaces of the objects `rows` of a fitted batch."""
     xp, grid = mm.xp, mm.grid
     same_surface = fitted[5] is fitted[4]
-    best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = (a[rows] for a in fitted)
+    best, chi2_best, amp, err, chi2_u, stat_u, amp_u, npix, flags = (a[rows] for a in fitted[:9])
     inverse = xp.asarray(mm.inverse)
     # take along the rows: C-ordered (a[:, idx] is F-ordered, and every row reduction below slow)
     chi2_full = to_host(xp.take(chi2_u, inverse, axis=1))
     stat_full = chi2_full if same_surface else to_host(xp.take(stat_u, inverse, axis=1))
     best_unique = to_host(best)
     best_full = mm.representatives[best_unique].astype(np.int64)
-    n_free = 1 + sum(a.count > 1 for a in grid.axes)
-    dof = np.maximum(npix - n_free, 1)
+    dof = _dof(grid, npix)
     if options.statistic == "wls":
         stat_full = stat_full / dof[:, None]
     posterior = posterior_weights(chi2_full)
@@ -337,7 +365,10 @@ def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, rows: slice) ->
                         best_uv, to_host(amp))
     cols.update(CHI2=to_host(chi2_best), DOF=dof.astype(np.int64), NPIX=npix.astype(np.int64),
                 FLUX=flux, FLUX_ERR=_flux_error(xp, flux, to_host(err), var_ln_shape, posterior, amp_u, inverse))
-    refined = _refined(mm, options, cols, chi2_u, amp_u, chi2_full, best_full, to_host(amp), to_host(err))
+    refined = {k: v[rows] for k, v in refined.items()}
+    if fitted[9] is not None:
+        refined["FLAGS"] = refined["FLAGS"] | np.where(
+            second_minimum(grid, chi2_full, best_full, mm.inverse), int(FitFlag.SECOND_MINIMUM), 0)
     no_model = ~np.isfinite(stat_full).any(axis=1) | ~np.isfinite(cols["CHI2"])
     flags = flags | np.where(no_model, int(FitFlag.FIT_FAILED), 0) | refined.pop("FLAGS")
     cols.update(refined)
@@ -349,26 +380,24 @@ def _batch_columns(mm: ModelMatrix, options: FitOptions, fitted, rows: slice) ->
     return cols
 
 
-def _refined(mm, options, cols, chi2_u, amp_u, chi2_full, best_full, amp, err) -> dict:
-    """The sub-grid columns (`subgrid.refine`) and their flags; NaN for ``dre``, whose surface is
-    not a chi-square."""
-    xp, grid = mm.xp, mm.grid
-    n = len(best_full)
-    if options.statistic != "wls":
+def _dof(grid, npix):
+    """Degrees of freedom: usable pixels less the amplitude and the grid's varied parameters."""
+    return np.maximum(npix - (1 + sum(a.count > 1 for a in grid.axes)), 1)
+
+
+def _refined(mm, fitted) -> dict:
+    """The sub-grid columns of a whole batch (`subgrid.refine`) and their REFINE_* flags; NaN for
+    ``dre`` (no windows: its surface is not a chi-square)."""
+    best, chi2_best, amp, err, npix, windows = (fitted[i] for i in (0, 1, 2, 3, 7, 9))
+    n = len(npix)
+    if windows is None:
         out = {name + suffix: np.full(n, np.nan) for name in FIT_COLUMNS for suffix in ("", "_ERR")}
         out["FLAGS"] = np.zeros(n, dtype=np.int64)
         return out
-    inverse = mm.inverse
-
-    def fetch(cells, rows):
-        unique, rows_d = xp.asarray(inverse[cells]), xp.asarray(rows)
-        return (to_host(xp.take_along_axis(chi2_u[rows_d], unique, axis=1)).astype(np.float64),
-                to_host(xp.take_along_axis(amp_u[rows_d], unique, axis=1)).astype(np.float64))
-
-    out = refine(grid, cols, best_full, fetch, amp, err, cols["CHI2"] / cols["DOF"])
-    out["FLAGS"] |= np.where(second_minimum(grid, chi2_full, best_full, mm.inverse),
-                             int(FitFlag.SECOND_MINIMUM), 0)
-    return out
+    best_full = mm.representatives[to_host(best)].astype(np.int64)
+    reduced = to_host(chi2_best) / _dof(mm.grid, npix)
+    return refine(mm.grid, mm.grid.parameters(best_full), best_full, *windows.rows(slice(None)),
+                  to_host(amp), to_host(err), reduced)
 
 
 def _flux_error(xp, flux, err_fixed, var_ln_shape, p, amp_u, inverse):
