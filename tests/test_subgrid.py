@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dre_hpc.fit.engine import FitOptions, fit_cutouts
-from dre_hpc.fit.subgrid import (UNIFORM_ANGLE_ERR, refine, refined_axes, second_minimum, window,
+from dre_hpc.fit.subgrid import (SYSTEMATIC, UNIFORM_ANGLE_ERR, refine, refined_axes, second_minimum, window,
                                  window_products)
 from dre_hpc.flags import FitFlag
 from dre_hpc.models.generate import sersic_grid
@@ -65,8 +65,8 @@ def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2):
     b, gram = window_products(np, models, d, w, cells)
     c_total = (w.astype(float) * d * d).sum(axis=1)
     values = {k: np.atleast_1d(v) for k, v in grid.parameters(best_full).items()}
-    return refine(grid, values, best_full, centre, b, gram, c_total, np.array([1.0]), np.array([0.1]),
-                  np.array([1.0]))
+    return refine(grid, values, best_full, centre, b, gram, c_total, np.ones(1), np.array([1.0]),
+                  np.array([0.1]), np.array([1.0]))
 
 
 def _fisher_errors(qm, x_true, amp):
@@ -94,10 +94,12 @@ def test_quadratic_models_are_recovered_exactly(grid_name):
     errors = _fisher_errors(qm, x_true, 3.0)
     for j, i in enumerate(qm.axes):
         a = grid.axes[i]
-        assert out[f"{a.name}_FIT"][0] == pytest.approx(a.start + x_true[i] * a.step, abs=1e-4 * a.step)
-        assert out[f"{a.name}_FIT_ERR"][0] == pytest.approx(errors[j], rel=1e-3)
+        value = a.start + x_true[i] * a.step
+        floor = SYSTEMATIC[a.name] * (value if a.name == "INDEX" else 1.0)
+        assert out[f"{a.name}_FIT"][0] == pytest.approx(value, abs=1e-4 * a.step)
+        assert out[f"{a.name}_FIT_ERR"][0] == pytest.approx(np.hypot(errors[j], floor), rel=1e-3)
     assert out["FLUX_FIT"][0] == pytest.approx(3.0, rel=1e-5)
-    assert out["FLUX_FIT_ERR"][0] == pytest.approx(errors[-1], rel=1e-3)
+    assert out["FLUX_FIT_ERR"][0] == pytest.approx(np.hypot(errors[-1], 3.0 * SYSTEMATIC["FLUX"]), rel=1e-3)
     if grid_name == "default":                       # a one-value axis keeps its value, no error
         assert out["INDEX_FIT"][0] == 4.0 and np.isnan(out["INDEX_FIT_ERR"][0])
 

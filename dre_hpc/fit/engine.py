@@ -273,8 +273,8 @@ def _fit_group(mm, grp, options, shrink):
 class _Windows:
     """Per object of a batch (host arrays): the sub-grid window's centre and products (`subgrid`)."""
 
-    def __init__(self, grid, n_obj):
-        self.grid = grid
+    def __init__(self, grid, n_obj, shrink):
+        self.grid, self.shrink = grid, shrink
         d, c = len(refined_axes(grid)), 3 ** len(refined_axes(grid))
         self.centre = np.zeros((n_obj, d), dtype=np.int64)
         self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
@@ -291,7 +291,8 @@ class _Windows:
         self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
 
     def rows(self, rows):
-        return self.centre[rows], self.b[rows], self.gram[rows], self.c_total[rows]
+        """centre, b, gram, c_total and the centring's variance factor of the objects `rows`."""
+        return self.centre[rows], self.b[rows], self.gram[rows], self.c_total[rows], self.shrink[rows]
 
 
 def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
@@ -313,7 +314,7 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
     if same_surface:
         out[5] = out[4]
     npix = np.zeros(n_obj, dtype=np.int64)
-    windows = _Windows(mm.grid, n_obj) if options.statistic == "wls" else None
+    windows = _Windows(mm.grid, n_obj, shrink) if options.statistic == "wls" else None
     for index in product_groups(extent, k):
         n = max(int(extent[index].max()), 1)
         grp = prepare_group(xp, mm, clean, index, n, centre, options.min_pixels)
