@@ -115,3 +115,27 @@ def test_truth_read_back_from_fits_matches(tmp_path):
     from dre_hpc.sim.tile import read_truth
     result = validate([(_fitted(truth[:-2], rng), read_truth(tmp_path / "truth.fits"))], GRID)
     assert (result["truth_galaxies"], result["matched_unflagged"]) == (48, 48)
+
+
+def test_refined_estimates_get_their_coverage():
+    """<P>_FIT with errors that are right cover the truth for ~68 %; errors half as large, ~38 %;
+    a one-value n axis (NaN errors) is left out."""
+    rng = np.random.default_rng(8)
+    truth = _truth(4002, rng)
+    fitted = _fitted(truth[:-2], rng)
+    galaxies = truth[:-2]
+    sigma = rng.uniform(0.01, 0.05, len(galaxies))
+    fitted["LOGR_FIT"] = galaxies["LOGR"] + rng.normal(0, sigma)
+    fitted["LOGR_FIT_ERR"] = sigma
+    fitted["AX_RATIO_FIT"] = galaxies["AX_RATIO"] + rng.normal(0, sigma)
+    fitted["AX_RATIO_FIT_ERR"] = sigma / 2
+    fitted["INDEX_FIT"], fitted["INDEX_FIT_ERR"] = 4.0, np.nan
+    result = validate([(fitted, truth)], GRID)["refined"]
+    assert set(result) == {"LOGR", "AX_RATIO"}
+    assert result["LOGR"]["all"]["coverage"] == pytest.approx(0.683, abs=0.03)
+    assert result["AX_RATIO"]["all"]["coverage"] == pytest.approx(0.383, abs=0.03)
+    assert result["LOGR"]["all"]["scatter"] == pytest.approx(np.median(sigma), rel=0.15)
+    for row in result["LOGR"]["by_snr"]:
+        if row["n"] > 300:
+            assert row["coverage"] == pytest.approx(0.683, abs=0.08)
+    json.dumps(result, allow_nan=False)

@@ -13,6 +13,10 @@ parameter      difference                                   objects
 ``FLUX``       fitted / true - 1                            all
 =============  ===========================================  ==============================
 
+The sub-grid estimates ``<P>_FIT`` (when the fit wrote them) get the same statistics under
+``refined`` and their ``coverage``: the fraction of objects whose truth lies within
+``<P>_FIT +- <P>_FIT_ERR`` (68 % for honest 1-sigma errors), overall and per S/N bin.
+
 ``bias`` is the median difference and ``scatter`` 1.4826 x the median absolute deviation (a robust
 sigma); ``mean``, ``rms`` and ``n`` come with them, in the unit that ``units`` gives per parameter
 (`DIFFERENCE_UNITS`, astropy strings; empty: dimensionless). The same statistics are given in bins of the
@@ -39,17 +43,17 @@ DIFFERENCE_UNITS = {"AX_RATIO": "", "ANGLE": "deg", "LOGR": "dex", "INDEX": "", 
 
 def differences(fitted, truth) -> dict:
     """``{parameter: (difference per object, which objects count)}`` of matched pairs."""
-    out = {}
-    for name in PARAMETERS:
-        fit, true = np.asarray(fitted[name], float), np.asarray(truth[name], float)
-        if name == "FLUX":
-            out[name] = (fit / true - 1.0, np.ones(len(fit), bool))
-        elif name == "ANGLE":
-            wrapped = np.mod(fit - true + 90.0, 180.0) - 90.0
-            out[name] = (wrapped, np.asarray(truth["AX_RATIO"]) <= ELONGATED_BELOW)
-        else:
-            out[name] = (fit - true, np.ones(len(fit), bool))
-    return out
+    return {name: difference(name, fitted[name], truth) for name in PARAMETERS}
+
+
+def difference(name, fit, truth) -> tuple:
+    """One parameter's (difference per object, which objects count); see the module's table."""
+    fit, true = np.asarray(fit, float), np.asarray(truth[name], float)
+    if name == "FLUX":
+        return fit / true - 1.0, np.ones(len(fit), bool)
+    if name == "ANGLE":
+        return np.mod(fit - true + 90.0, 180.0) - 90.0, np.asarray(truth["AX_RATIO"]) <= ELONGATED_BELOW
+    return fit - true, np.ones(len(fit), bool)
 
 
 def robust_stats(values) -> dict:
@@ -102,6 +106,7 @@ def validate(pairs, grid) -> dict:
     f, t = fitted[clean], truth[clean]
     result = {"truth_galaxies": n_truth, "matched": len(fitted), "matched_unflagged": int(clean.sum()),
               "headline": headline(f, t, grid), "units": dict(DIFFERENCE_UNITS), "parameters": {}}
+    result["refined"] = refined(f, t)
     edges = size_edges(grid)
     for name, (diff, use) in differences(f, t).items():
         snr, size = np.asarray(t["SNR"], float)[use], np.asarray(t["LOGR"], float)[use]
@@ -109,6 +114,30 @@ def validate(pairs, grid) -> dict:
                                       "by_snr": binned(diff[use], snr, SNR_EDGES),
                                       "by_size": binned(diff[use], size, edges)}
     return result
+
+
+def refined(fitted, truth) -> dict:
+    """``{parameter: {"all", "by_snr"}}``: `robust_stats` of the ``<P>_FIT`` differences (defined as
+    in `differences`) with the ``coverage`` of ``<P>_FIT +- <P>_FIT_ERR``; parameters without
+    those columns or without a finite error (n with a one-value index axis) are left out."""
+    out = {}
+    for name in PARAMETERS:
+        if f"{name}_FIT" not in fitted.colnames or f"{name}_FIT_ERR" not in fitted.colnames:
+            continue
+        fit, err = np.asarray(fitted[f"{name}_FIT"], float), np.asarray(fitted[f"{name}_FIT_ERR"], float)
+        diff, use = difference(name, fit, truth)
+        miss = np.abs(fit - np.asarray(truth[name], float)) if name == "FLUX" else np.abs(diff)
+        use = use & np.isfinite(err) & np.isfinite(diff)
+        if not use.any():
+            continue
+        inside, snr = (miss <= err)[use], np.asarray(truth["SNR"], float)[use]
+        rows = binned(diff[use], snr, SNR_EDGES)
+        for row in rows:
+            sel = (snr >= (row["lo"] if row["lo"] is not None else -np.inf)) & \
+                  (snr < (row["hi"] if row["hi"] is not None else np.inf))
+            row["coverage"] = float(np.mean(inside[sel])) if sel.any() else None
+        out[name] = {"all": {**robust_stats(diff[use]), "coverage": float(np.mean(inside))}, "by_snr": rows}
+    return out
 
 
 def headline(fitted, truth, grid) -> dict:
