@@ -115,7 +115,17 @@ def cube_path(grid: ModelGrid, name: str) -> Path:
 
 def default_cube_path() -> Path:
     """Cache path of the default cube; the name holds the renderer version and a grid fingerprint."""
-    return cube_path(ModelGrid.default(), "default")
+    return preset_path(DEFAULT_PRESET)
+
+
+def preset_path(name: str) -> Path:
+    """Cache path of a preset's cube (``'bulge'`` or ``'sersic'``), whether it exists or not."""
+    return cube_path(preset_grid(name), _cache_name(name))
+
+
+def _cache_name(preset: str) -> str:
+    """The file-name part of a preset's cached cube (the ``bulge`` cube is the historical 'default')."""
+    return "default" if preset == "bulge" else preset
 
 
 def ensure_cube(grid: ModelGrid, name: str, workers=None) -> Path:
@@ -147,8 +157,7 @@ def ensure_default_cube() -> Path:
 
 def ensure_preset(name: str, workers=None) -> Path:
     """Path of a preset's cached cube (``'bulge'`` or ``'sersic'``), generating it on first use."""
-    grid = preset_grid(name)
-    return ensure_cube(grid, "default" if name == "bulge" else name, workers=workers)
+    return ensure_cube(preset_grid(name), _cache_name(name), workers=workers)
 
 
 def resolve_model(name_or_path=None) -> Path:

@@ -118,10 +118,10 @@ class CubeFile:
 
 
 def cube_path(run_dir: Path, model) -> Path:
-    """The cube file of ``fit.model`` (null: the default cube's cache path; never generated here)."""
-    if not model:
-        from ..models.generate import default_cube_path
-        return default_cube_path()
+    """The cube file of ``fit.model`` (null or a preset: the preset's cache path; never generated here)."""
+    from ..models.generate import DEFAULT_PRESET, PRESETS, preset_path
+    if not model or model in PRESETS:
+        return preset_path(model or DEFAULT_PRESET)
     path = Path(model)
     return path if path.is_absolute() or path.exists() else Path(run_dir) / path
 
