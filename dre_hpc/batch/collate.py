@@ -12,8 +12,8 @@ chunks are recorded in the headers (``NMISSING``) and in ``collated/missing.json
 Outputs (`RunDir.collated`), each written under a temporary name and renamed:
 ``<tile>_dre.fits`` (rows in object order), ``<tile>_chi.h5`` (the chunks' datasets copied as they
 are, attributes of the first chunk), ``<run>_dre.fits`` (all tiles, a ``TILE`` column first, and
-an extension ``TILES``: per tile its rows, chunks merged and missing, prep digest, versions and
-PSF) and ``collate.json``: the verification record that `archive` checks.
+an extension ``TILES``: per tile its rows, chunks merged and missing, prep digest, versions,
+PSF and its source, gain and zero point) and ``collate.json``: the verification record that `archive` checks.
 
 The headers of the merged tables describe the merged file, never one of its chunks: the run's
 provenance (`_provenance`), the fit settings every chunk shares (`RUN_CARDS`), the chunks merged
@@ -48,7 +48,7 @@ from dre_hpc.io.columns import describe, table_hdu
 RECORD = "collate.json"
 MISSING = "missing.json"
 RUN_CARDS = ("STATISTC", "GAIN", "ZEROPT")   # chunk header cards that are the same in every chunk
-TILE_CARDS = RUN_CARDS + ("PSF",)             # ... of a tile
+TILE_CARDS = RUN_CARDS + ("PSF", "PSFSRC", "PSFFILE")    # ... of a tile
 TILES_HDU = "TILES"                           # the flat catalogue's extension describing its tiles
 THREADS = min(4, os.cpu_count() or 1)   # chunks verified at once (mostly SHA-256, off the GIL)
 SHOWN = 20                     # problems listed in an error message; the rest are counted
@@ -233,7 +233,10 @@ def _tiles_hdu(chunks: dict, missing: Counter):
         "NMERGED": [len(cs) for cs in done.values()], "NMISSING": [missing[t] for t in done],
         "PREPDIG": [cs[0].prep_digest for cs in done.values()],
         "DRE_VER": [_versions(cs) for cs in done.values()],
-        "PSF": [str(cs[0].part.value("PSF", "")) for cs in done.values()]}))
+        "PSF": [str(cs[0].part.value("PSF", "")) for cs in done.values()],
+        "PSFSRC": [str(cs[0].part.value("PSFSRC", "psfex")) for cs in done.values()],
+        "GAIN": [str(cs[0].part.value("GAIN", "none")) for cs in done.values()],
+        "ZEROPT": [str(cs[0].part.value("ZEROPT", "none")) for cs in done.values()]}))
     hdu = table_hdu(table)
     hdu.name = TILES_HDU
     return hdu
@@ -278,6 +281,9 @@ def collate(rundir, allow_missing: bool = False) -> CollateReport:
     flat_path = rundir.collated(f"{run}_dre.fits")
     merged = [c for done in chunks.values() for c in done]
     cards = _provenance(config, merged, len(rows), len(missing) if allow_missing else None, when)
+    for key, card in (("gain", "GAIN"), ("zero_point", "ZEROPT")):
+        if isinstance(config["fit"][key], str):       # header:KEY: per tile, in the TILES extension
+            cards[card] = (f"{config['fit'][key]}", "per tile: see the TILES extension")
     try:
         written[flat_path] = write_tables(flat_path, [c.part for c in merged], cards,
                                           labels=[c.tile for c in merged], keep=RUN_CARDS,

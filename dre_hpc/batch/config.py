@@ -68,9 +68,10 @@ TABLE = {
                      "null: bulge", nullable=True),
         "statistic": Key("wls", "str", "chi-square statistic", choices=("wls", "dre")),
         "backend": Key("cpu", "str", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu")),
-        "zero_point": Key(None, "number", "magnitude zero-point (adds MAG); null: none", nullable=True),
-        "gain": Key(None, "number", "gain in e-/ADU for the Poisson term; null: none", nullable=True,
-                    minimum=0),
+        "zero_point": Key(None, "number_or_header", "magnitude zero-point (adds MAG): a number or "
+                          "header:KEY (per tile, e.g. header:MAGZERO); null: none", nullable=True),
+        "gain": Key(None, "number_or_header", "gain in e-/ADU for the Poisson term: a number or "
+                    "header:KEY (per tile); null: none", nullable=True, minimum=0),
         "batch_size": Key(None, "int", "objects fitted together in one batch; null: from the grid "
                           "(1024 for the default cube, 256 for sersic)", nullable=True, minimum=1),
         "centre": Key(True, "bool", "move cutouts to the sub-pixel centre"),
@@ -91,7 +92,22 @@ TABLE = {
         "sextractor_config": Key(None, "str", "SExtractor config; null: shipped dre.sex", nullable=True),
         "sextractor_param": Key(None, "str", "SExtractor params; null: shipped dre.param", nullable=True),
         "psfex_config": Key(None, "str", "PSFEx config; null: shipped dre.psfex", nullable=True),
-        "gain": Key("counts", "gain", "counts (header gain), cps (gain x EXPTIME) or a number"),
+        "gain": Key("counts", "gain", "counts (header gain), cps (gain x EXPTIME), a number or "
+                    "header:KEY"),
+        "psf": Key(None, "str", "null: PSFEx per tile; a PSF file (.psf or FITS image) for every tile "
+                   "(PSFEx skipped); or a directory of <image stem>.psf or .fits per tile",
+                   nullable=True),
+        "psf_fallback": Key(None, "str", "PSF file used only for a tile where PSFEx accepts no star "
+                            "(or fails its checks); null: such a tile fails", nullable=True),
+        "seeing": Key("auto", "seeing", "SExtractor SEEING_FWHM (for CLASS_STAR): auto (measured: "
+                      "stellar locus of a first pass, else the PSF), a number of pixels, header:KEY "
+                      "(pixels), or config (the SExtractor config's value)"),
+        "weights": Key(None, "str", "weight maps: a directory of <image stem>_wht.fits, or a suffix "
+                       "such as _wht.fits beside each image; null: none", nullable=True),
+        "weight_type": Key("MAP_WEIGHT", "str", "what the weight maps hold",
+                           choices=("MAP_WEIGHT", "MAP_RMS", "MAP_VAR")),
+        "flags": Key(None, "str", "flag maps (pixels != 0 are masked): a directory of "
+                     "<image stem>_flag.fits, or a suffix such as _flag.fits; null: none", nullable=True),
         "margin": Key(80, "number", "keep objects at least this far from the edges (pixels)", minimum=0),
         "max_stellarity": Key(0.5, "number", "keep objects with CLASS_STAR below this"),
         "filters": Key([], "filters", "catalogue cuts, a list of [PARAM, MIN, MAX]"),
@@ -169,12 +185,45 @@ def _filters(value):
     return [[f[0], float(f[1]), float(f[2])] for f in value]
 
 
+_HEADER = re.compile(r"^header:[A-Za-z0-9_-]{1,8}$")
+_HEADER_HINT = "header:KEY (a FITS key of up to 8 letters, digits, _ or -, e.g. header:MAGZERO)"
+
+
+def _header_key(value):
+    """'header:KEY' with KEY upper-cased, or None when `value` is not such a string."""
+    if isinstance(value, str) and _HEADER.fullmatch(value.strip()):
+        return "header:" + value.strip()[7:].upper()
+    if isinstance(value, str) and value.strip().lower().startswith("header:"):
+        raise TypeError(_HEADER_HINT)
+    return None
+
+
+def _number_or_header(value):
+    key = _header_key(value)
+    if key:
+        return key
+    if not _is_finite(value):
+        raise TypeError(f"a number (finite) or {_HEADER_HINT}")
+    return float(value)
+
+
+def _seeing(value):
+    key = _header_key(value)
+    if key or value in ("auto", "config"):
+        return key or value
+    if _is_finite(value) and value > 0:
+        return float(value)
+    raise TypeError(f'"auto", "config", a positive number of pixels or {_HEADER_HINT}')
+
+
 def _gain(value):
     if value in ("counts", "cps"):
         return value
+    if _header_key(value):
+        return _header_key(value)
     if _is_finite(value) and value > 0:
         return float(value)
-    raise TypeError('"counts", "cps" or a positive number (e-/ADU; finite)')
+    raise TypeError(f'"counts", "cps" or a positive number (e-/ADU; finite), or {_HEADER_HINT}')
 
 
 def _expect(test, what, convert=lambda v: v):
@@ -197,6 +246,8 @@ _CHECKS = {
     "walltime": _walltime,
     "filters": _filters,
     "gain": _gain,
+    "number_or_header": _number_or_header,
+    "seeing": _seeing,
 }
 
 
@@ -211,7 +262,7 @@ def _check(key, value, dotted, source):
                           f"({type(value).__name__})") from None
     if key.choices and value not in key.choices:
         raise ConfigError(f"{source}: {dotted}: {value!r} is not one of {', '.join(key.choices)}")
-    if key.minimum is not None and value < key.minimum:
+    if key.minimum is not None and not isinstance(value, str) and value < key.minimum:
         raise ConfigError(f"{source}: {dotted}: must be >= {key.minimum}, got {value!r}")
     return value
 

@@ -46,11 +46,29 @@ CHI_COMPRESSION = "none"          # chunk files are intermediates: speed over si
 _MODELS: dict = {}                # one NodeModels per process (a job fits one chunk; tests many)
 
 
-def fit_options(config) -> FitOptions:
-    """FitOptions from ``fit.*`` (as ``dre --statistic --gain --min-pixels --chunk --no-centre``)."""
+def fit_options(config, prep=None) -> FitOptions:
+    """FitOptions from ``fit.*`` (as ``dre --statistic --gain --min-pixels --chunk --no-centre``);
+    the gain is the tile's (`tile_photometry`) when `prep`, its prep done marker, is given (without
+    it a ``header:KEY`` gain is left out: the report's gallery only draws the models)."""
     fit = config["fit"]
-    return FitOptions(statistic=fit["statistic"], gain=fit["gain"], min_pixels=fit["min_pixels"],
-                      batch_size=fit["batch_size"], centre=fit["centre"])
+    gain = tile_photometry(config, prep)["gain"] if prep is not None else fit["gain"]
+    return FitOptions(statistic=fit["statistic"], gain=None if isinstance(gain, str) else gain,
+                      min_pixels=fit["min_pixels"], batch_size=fit["batch_size"], centre=fit["centre"])
+
+
+def tile_photometry(config, prep: dict) -> dict:
+    """``{"zero_point", "gain"}`` of a tile's fit: the values its prep resolved (``header:KEY``
+    read from the tile's header) or, for a prep that recorded none, the config's numbers."""
+    recorded = prep.get("photometry")
+    if recorded is not None:
+        return recorded
+    fit = config["fit"]
+    for key in ("zero_point", "gain"):
+        if isinstance(fit[key], str):
+            raise InputError(f"fit.{key} is {fit[key]} but the tile's prep done marker records no "
+                             f"header values; redo the prep (dre-batch run --failed-only after "
+                             f"removing markers/prep/{prep.get('tile')}.done)")
+    return {"zero_point": fit["zero_point"], "gain": fit["gain"]}
 
 
 def load_models(config, comm) -> NodeModels:
@@ -110,17 +128,25 @@ def chunk_identity(config, tile: Tile, bounds: tuple, n_objects: int, prep: dict
     fit = config["fit"]
     settings = {k: fit[k] for k in ("model", "statistic", "backend", "gain", "batch_size", "centre",
                                     "min_pixels", "psf_pixel")}
+    if isinstance(fit["gain"], str):                # header:KEY: the tile's own value
+        settings["gain"] = tile_photometry(config, prep)["gain"]
     return identity_digest({"version": __version__, "tile": tile.name, "bounds": list(bounds),
                             "n_objects": n_objects, "fit": settings, "cube": cube_key,
                             "prep": prep.get("outputs")})
 
 
-def provenance(config, tile: Tile, k: int, n_chunks: int, bounds: tuple, psf_rel: str) -> dict:
-    """FITS header cards of a chunk table: the dre Summary's cards and the run's provenance."""
-    fit = config["fit"]
+def provenance(config, tile: Tile, k: int, n_chunks: int, bounds: tuple, psf_rel: str,
+               prep: dict | None = None) -> dict:
+    """FITS header cards of a chunk table: the dre Summary's cards and the run's provenance; with
+    the prep done marker `prep`, the tile's own gain and zero point and where its PSF came from."""
+    fit, prep = config["fit"], prep or {}
+    photometry = (tile_photometry(config, prep) if prep
+                  else {"gain": fit["gain"], "zero_point": fit["zero_point"]})
+    psf = prep.get("psf") or {}
     return {"DRE_VER": __version__, "STATISTC": fit["statistic"], "PSF": psf_rel[-60:],
-            "GAIN": fit["gain"] if fit["gain"] else "none",
-            "ZEROPT": fit["zero_point"] if fit["zero_point"] is not None else "none",
+            "PSFSRC": psf.get("source", "psfex"), "PSFFILE": str(psf.get("file", ""))[-60:],
+            "GAIN": photometry["gain"] if photometry["gain"] else "none",
+            "ZEROPT": photometry["zero_point"] if photometry["zero_point"] is not None else "none",
             "RUN": config["run"]["name"], "CFGHASH": config.hash(), "SEED": config["run"]["seed"],
             "TILE": tile.name, "CHUNK": k, "NCHUNKS": n_chunks, "OBJSTART": bounds[0], "OBJSTOP": bounds[1]}
 
@@ -216,7 +242,7 @@ class ChunkWork:
     def __init__(self, rundir, config, tile, k, prep, bounds, models):
         self.rundir, self.config, self.tile, self.k, self.prep = rundir, config, tile, k, prep
         self.bounds, self.models = bounds, models
-        self.options = fit_options(config).for_grid(models.grid)
+        self.options = fit_options(config, prep).for_grid(models.grid)
         n_objects = int(prep["n_objects"])
         self.lo, self.hi = unit_range(*bounds, n_objects, self.options.batch_size)
         self.products = tile_products(rundir, tile)
@@ -243,9 +269,9 @@ class ChunkWork:
         keep = slice(start - self.lo, stop - self.lo)
         columns = assemble(self.units, results, self.lo, self.hi, keep, self.models.grid)
         meta = provenance(self.config, self.tile, self.k, int(self.prep["n_chunks"]), self.bounds,
-                          self.products["psf"].relative_to(self.rundir.root).as_posix())
+                          self.products["psf"].relative_to(self.rundir.root).as_posix(), self.prep)
         table = chunk_table(columns, self.reader.objects[keep], start, self.reader.catalog, meta,
-                            self.config["fit"]["zero_point"])
+                            tile_photometry(self.config, self.prep)["zero_point"])
         outputs = write_chunk(self.rundir, self.tile.name, self.k, table, self.reader.names[keep],
                               columns, self.models.grid, self.config["fit"]["statistic"])
         self.checkpoint.clear()

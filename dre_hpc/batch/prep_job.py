@@ -1,7 +1,10 @@
-"""The prep job of one tile: SExtractor, PSFEx and cuts into ``DIR/tiles/<tile>/``.
+"""The prep job of one tile: SExtractor, cuts and PSF into ``DIR/tiles/<tile>/``.
 
-The same library functions as ``sex_dre``, ``psfex_dre`` and ``make_cuts``, with their options
-built from the run config (``prep.*``) instead of command-line arguments. Products (file names
+The same library functions as ``sex_dre``, ``make_cuts`` and ``psfex_dre``, with their options
+built from the run config (``prep.*``) and the tile's own inputs (`tile_inputs`: weight and flag
+maps, a user PSF, header photometry) instead of command-line arguments. The PSF (`prep_psf`)
+comes last and only when the cuts hold an object: a tile with nothing to fit needs none and is
+done with 0 objects. Products (file names
 after the tile's safe name, which is the image's stem unless that held blanks, quotes, ``;``,
 ``$``, non-ASCII or other characters outside ``[A-Za-z0-9_.+-]``)::
 
@@ -25,18 +28,24 @@ returns the marker's tile-specific content; writing markers is the worker's job.
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, PSFError
 from ..models.psf import image_stem
 from ..preprocess.cut_tiles import cut_tile
 from ..preprocess.cuts import CutsOptions
 from ..preprocess.psfex import run_psfex
+from ..preprocess.seeing import seeing_keys, tile_seeing
 from ..preprocess.sextractor import SexOptions, run_sextractor
+from ..preprocess.tools import read_image_header
 from .checkpoint import identity_digest
 from .chunking import n_chunks_for
+from .prep_psf import tile_psf
 from .rundir import RunDir, Tile, file_sha256, remove_path
+from .tile_inputs import health_warnings, image_health, tile_maps, tile_photometry, user_psf
 
 REHASHED = ("catalog", "psf")   # products every fit reads whole: their SHA-256 is checked again;
                                 # the others (the cuts: ~150 kB per object; check images) by size
@@ -58,10 +67,13 @@ def tile_products(rundir: RunDir, tile: Tile) -> dict:
             "cuts": base / "Cuts" / f"{stem}_cuts.h5"}
 
 
-def sex_options(config) -> SexOptions:
-    """SExtractor options from ``prep.*`` (as ``sex_dre -c -p --gain`` would build them)."""
-    prep = config["prep"]
-    return SexOptions(config=prep["sextractor_config"], param=prep["sextractor_param"], gain=prep["gain"])
+def sex_options(config, maps=None) -> SexOptions:
+    """SExtractor options from ``prep.*`` (as ``sex_dre -c -p --gain`` would build them) and the
+    tile's weight and flag maps (`tile_inputs.tile_maps`)."""
+    prep, maps = config["prep"], maps or {}
+    return SexOptions(config=prep["sextractor_config"], param=prep["sextractor_param"], gain=prep["gain"],
+                      weight_image=maps.get("weight"), flag_image=maps.get("flags"),
+                      weight_type=prep["weight_type"])
 
 
 def cuts_options(config) -> CutsOptions:
@@ -70,7 +82,7 @@ def cuts_options(config) -> CutsOptions:
     prep = config["prep"]
     return CutsOptions(margin=prep["margin"], max_stellarity=prep["max_stellarity"],
                        filters=tuple(tuple(f) for f in prep["filters"]), layout=prep["layout"],
-                       compression=prep["compression"])
+                       compression=prep["compression"], weight_type=prep["weight_type"])
 
 
 def chunk_count(config, manifest_chunks, n_objects: int) -> int:
@@ -85,8 +97,10 @@ def chunk_count(config, manifest_chunks, n_objects: int) -> int:
 
 
 def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
-    """SExtractor, PSFEx and cuts of `tile`; returns ``{"tile", "n_objects", "n_chunks",
-    "seconds", "outputs", "bytes"}`` (path relative to the run directory -> sha256, -> size).
+    """SExtractor (twice with ``prep.seeing: auto``: the first pass measures the seeing), the
+    cuts and the PSF of `tile`; returns ``{"tile", "n_objects", "n_chunks", "seconds",
+    "outputs", "bytes", "psf", "seeing", "photometry", "maps", "image", "warnings"}`` (outputs:
+    path relative to the run directory -> sha256, bytes: -> size).
 
     The tile's earlier fit chunks are removed first (`void_fits`). On any exception the tile's
     folder is removed and the exception propagates.
@@ -94,25 +108,81 @@ def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
     start = time.perf_counter()
     paths = tile_products(rundir, tile)
     folder = rundir.tile_dir(tile.name)
+    entry = rundir.read_manifest()["tiles"][tile.index]
     void_fits(rundir, tile)
     remove_path(rundir.root, folder)            # a link there goes, its target stays untouched
     try:
+        header = read_image_header(tile.image)
+        photometry = tile_photometry(config, header, tile.image)     # a missing key fails first
+        health, maps = image_health(tile.image), tile_maps(config, entry)
+        own_psf, origin = user_psf(config, entry)
         image = image_link(rundir, tile)
         try:
-            sex = run_sextractor(image, paths["sextracted"], sex_options(config))
-            run_psfex(sex.catalog, paths["psf_dir"], config=config["prep"]["psfex_config"])
-            report = cut_tile(image, paths["sextracted"], paths["cuts_dir"], cuts_options(config))
+            seeing, report, measured = _sextract_and_cut(config, image, (header, tile.image), paths,
+                                                         maps, own_psf or config["prep"]["psf_fallback"])
         finally:
             remove_path(rundir.root, image.parent)
+        n_objects = int(report["cut"])
+        try:
+            psf = tile_psf(config, paths, own_psf, origin, n_objects, measured)
+        except PSFError as exc:
+            if not health_warnings(health):
+                raise
+            raise PSFError(f"{exc} (note: {health_warnings(health)[0]})") from None
         outputs = product_checksums(rundir, tile)
         sizes = {rel: (rundir.root / rel).stat().st_size for rel in outputs}
     except BaseException:
         remove_path(rundir.root, folder)
         raise
-    n_objects = int(report["cut"])
+    notes = health_warnings(health) + ([] if n_objects else [_no_object(report)])
+    for note in notes:
+        print(f"prep {tile.name}: {note}", file=sys.stderr)
     return {"tile": tile.name, "n_objects": n_objects,
             "n_chunks": chunk_count(config, manifest_chunks, n_objects),
-            "seconds": round(time.perf_counter() - start, 3), "outputs": outputs, "bytes": sizes}
+            "seconds": round(time.perf_counter() - start, 3), "outputs": outputs, "bytes": sizes,
+            "psf": psf, "seeing": seeing, "photometry": photometry,
+            "maps": {k: str(v) if v else None for k, v in maps.items()}, "image": health,
+            "warnings": notes}
+
+
+def _sextract_and_cut(config, image, header, paths, maps, psf) -> tuple:
+    """SExtractor with the tile's seeing (a first pass measures it with ``auto``), then the cuts
+    (pixels flagged or of zero weight masked); ``(seeing record, cuts report, PSFEx PSF of the
+    first pass or None)``: a PSFEx run that measured the seeing is the tile's PSF. `header`:
+    ``(image header, the image to name in errors)`` (SExtractor reads `image`, a link)."""
+    options = sex_options(config, maps)
+    first, measured = [], []
+
+    def first_pass():
+        first.append(run_sextractor(image, paths["sextracted"], options))
+        return first[-1].catalog
+
+    seeing = tile_seeing(config["prep"]["seeing"], *header, first_pass, psf,
+                         config["prep"]["psfex_config"], lambda catalog: _psfex(config, paths, measured))
+    keys = seeing_keys(seeing)
+    if keys or not first:                  # the first pass is final when it keeps the config's seeing
+        run_sextractor(image, paths["sextracted"], replace(options, extra={**options.extra, **keys}))
+    report = cut_tile(image, paths["sextracted"], paths["cuts_dir"], cuts_options(config), maps)
+    return seeing, report, (measured[0] if measured else None)
+
+
+def _psfex(config, paths, measured: list):
+    """PSFEx on the tile's catalogue (CLASS_STAR plays no part in it: the first pass's PSF is the
+    final one); the PSF, also appended to `measured`, or None where it accepts no star."""
+    try:
+        measured.append(run_psfex(paths["catalog"], paths["psf_dir"], config=config["prep"]["psfex_config"]))
+    except PSFError:
+        return None
+    return measured[0]
+
+
+def _no_object(report: dict) -> str:
+    """Why a tile has nothing to fit."""
+    if not report["catalogue_objects"]:
+        return "SExtractor detected no object: the tile is done with 0 objects"
+    rejected = ", ".join(f"{n} by {why}" for why, n in report["rejected"].items() if n)
+    return (f"no galaxy left after the cuts ({report['catalogue_objects']} detected; rejected: "
+            f"{rejected or 'none'}): the tile is done with 0 objects")
 
 
 def void_fits(rundir: RunDir, tile: Tile) -> None:

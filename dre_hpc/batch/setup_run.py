@@ -20,9 +20,10 @@ from dre_hpc import __version__
 from dre_hpc.errors import InputError
 from dre_hpc.preprocess.layout import tile_name
 
-from .config import load_config
+from .config import RunConfig, load_config
 from .render import render_script
 from .rundir import RunDir, safe_tile_name, utc_now, write_atomic, write_json
+from .tile_inputs import ENTRY_KEYS, absolute_paths
 
 STAGES = ("prep", "fit")
 _PACKAGES = ("numpy", "scipy", "astropy", "h5py", "jinja2", "PyYAML", "mpi4py", "cupy-cuda12x")
@@ -32,7 +33,10 @@ def read_tiles_file(path) -> list:
     """Absolute image paths from a text file, one a line (relative to the current directory;
     blank lines and ``#`` comments skipped), or, when the file holds a NUL byte, one path per
     NUL-terminated entry taken verbatim (``find -print0``: any file name, newlines and leading or
-    trailing blanks included). Every image must exist, once. Images are only ever read."""
+    trailing blanks included). Every image must exist, once. Images are only ever read.
+
+    A line may name the tile's own maps and PSF after the image: ``IMAGE [weight=PATH]
+    [flags=PATH] [psf=PATH]`` (`split_options`). Returns ``[(image, {key: absolute path})]``."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -50,6 +54,7 @@ def read_tiles_file(path) -> list:
         where = "line"
     images, seen = [], {}
     for number, entry in listed:
+        entry, extras = (entry, {}) if where == "entry" else split_options(entry, f"{path}, line {number}")
         image = Path(entry).expanduser().absolute()
         if not image.is_file():
             raise InputError(f"{path}, {where} {number}: image {entry!r} not found")
@@ -57,10 +62,30 @@ def read_tiles_file(path) -> list:
             raise InputError(f"{path}, {where} {number}: image {entry!r} is listed twice "
                              f"(also {where} {seen[image]})")
         seen[image] = number
-        images.append(image)
+        images.append((image, extras))
     if not images:
         raise InputError(f"{path}: no image paths in the tiles file")
     return images
+
+
+def split_options(line: str, where: str) -> tuple:
+    """``(image, {key: absolute path})`` of a tiles-file line: words ``KEY=PATH`` at its end, with
+    KEY one of `ENTRY_KEYS`, are the tile's own inputs (a whole line that names a file is just an
+    image, whatever it holds); each must exist."""
+    extras, rest = {}, line
+    while not Path(rest).expanduser().is_file():
+        head, sep, word = rest.rpartition(" ")
+        key, eq, value = word.partition("=")
+        if not (sep and eq and key in ENTRY_KEYS):
+            break
+        if key in extras:
+            raise InputError(f"{where}: {key}= given twice")
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            raise InputError(f"{where}: {key}={value}: file not found (expected IMAGE [weight=PATH] "
+                             f"[flags=PATH] [psf=PATH])")
+        extras[key], rest = str(path), head.rstrip()
+    return rest, extras
 
 
 def tile_entries(images, n_chunks, source="tiles file") -> list:
@@ -68,13 +93,14 @@ def tile_entries(images, n_chunks, source="tiles file") -> list:
     The name is `safe_tile_name` of the image's stem (``..fits``, ``a b;c``, ``$(x)`` give harmless
     names); the entry keeps the image's own path, so the manifest records name -> image."""
     entries, names = [], {}
-    for index, image in enumerate(images):
+    for index, item in enumerate(images):
+        image, extras = item if isinstance(item, tuple) else (item, {})
         name = safe_tile_name(tile_name(image))
         if name in names:
             raise InputError(f"{source}: tiles {names[name]} and {image} both give the tile name {name!r}; "
                              f"tile names must be unique in a run (rename one)")
         names[name] = image
-        entries.append({"index": index, "name": name, "image": str(image), "n_chunks": n_chunks})
+        entries.append({"index": index, "name": name, "image": str(image), "n_chunks": n_chunks, **extras})
     return entries
 
 
@@ -117,6 +143,7 @@ def prepare_directory(root: Path, clobber: bool) -> None:
 def setup_run(config_path, tiles_file, run_dir, overrides=(), clobber=False, argv=None) -> RunDir:
     """Create the run directory `run_dir`; return its `RunDir`. Nothing is submitted."""
     config = load_config(config_path, overrides)
+    config = RunConfig(absolute_paths(config.as_dict(), str(config_path)))   # a typo fails here
     images = read_tiles_file(tiles_file)
     chunks = config.chunking["chunks_per_tile"]
     entries = tile_entries(images, chunks, tiles_file)

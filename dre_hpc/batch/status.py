@@ -4,7 +4,8 @@ States: ``unsubmitted``, ``pending``, ``running``, ``done``, ``failed`` (with th
 ``blocked`` (a fit chunk whose tile's prep failed). They come from three sources, cheapest first:
 
 1. the markers the jobs write themselves (`RunDir` layout): one ``os.scandir`` per marker folder;
-   only the ``failed`` markers are opened (for their reason), never the ``done`` ones;
+   only the ``failed`` markers are opened (for their reason), and of the ``done`` ones only the
+   preps' (one a tile: its object count and warnings), never a chunk's;
 2. the submission records (``jobs/*.json``): the latest record covering an item gives its job id;
 3. the scheduler, asked once (`Scheduler.active`) and only about items that have a submission but no
    ``done``/``failed`` marker. A submitted item the scheduler no longer has, without an outcome
@@ -69,16 +70,20 @@ class TileSummary:
     prep: str
     n_chunks: int | None
     counts: dict
+    n_objects: int | None = None     # from the prep done marker
+    warnings: tuple = ()             # what the prep reported (no object, image mostly NaN or zero)
 
 
 class RunStatus:
     """All items of a run, with counts per state and per tile."""
 
-    def __init__(self, run: str, items: list, time_taken: float = 0.0):
+    def __init__(self, run: str, items: list, time_taken: float = 0.0, preps: dict | None = None):
         self.run, self.items, self.seconds = run, items, time_taken
         self.counts = {s: 0 for s in STATES}
         self.counts.update(Counter(item.state for item in items))
         self.tiles = self._summaries()
+        for summary in self.tiles:               # preps: tile -> (n_objects, warnings) of done preps
+            summary.n_objects, summary.warnings = (preps or {}).get(summary.name, (None, ()))
 
     def _summaries(self) -> list:
         tiles = {}
@@ -113,7 +118,8 @@ class RunStatus:
     def to_json(self) -> dict:
         """A machine-readable dict (``status --json``): totals, then per tile its prep and chunks."""
         per_tile = {t.name: {"index": t.index, "prep": None, "n_chunks": t.n_chunks, "counts": t.counts,
-                             "chunks": []} for t in self.tiles}
+                             "n_objects": t.n_objects, "warnings": list(t.warnings), "chunks": []}
+                    for t in self.tiles}
         for item in self.items:
             entry = {k: v for k, v in asdict(item).items() if k not in ("stage", "tile", "tile_index")}
             if item.stage == "prep":
@@ -369,11 +375,25 @@ def collect(rundir, scheduler=None) -> RunStatus:
     manifest = rundir.read_manifest()
     collector = _Collector(rundir, scheduler)
     prep_kinds = _scan(rundir.marker_dir("prep"))
-    for tile in rundir.tiles():
+    tiles = rundir.tiles()
+    for tile in tiles:
         collector.tile(tile, prep_kinds)
     collector.resolve()
     collector.block()
-    return RunStatus(manifest.get("run", rundir.root.name), collector.items, time.perf_counter() - start)
+    preps = {t.name: _prep_outcome(rundir, t.name) for t in tiles if prep_kinds.get(t.name) == "done"}
+    return RunStatus(manifest.get("run", rundir.root.name), collector.items, time.perf_counter() - start,
+                     preps)
+
+
+def _prep_outcome(rundir: RunDir, tile: str) -> tuple:
+    """``(n_objects, warnings)`` of a tile's prep done marker (one small file per tile, not per
+    chunk); ``(None, ())`` when it cannot be read."""
+    try:
+        content = read_json(rundir.marker("prep", tile), "prep done marker")
+    except RunDirError:
+        return None, ()
+    n_objects = content.get("n_objects")
+    return (n_objects if isinstance(n_objects, int) else None), tuple(map(str, content.get("warnings") or ()))
 
 
 def _refuse_archived(rundir: RunDir) -> None:
@@ -426,6 +446,11 @@ def format_table(status: RunStatus) -> str:
         lines.append(f"{t.name:<{width}}  {t.prep:<11}  {str(t.counts['done']) + '/' + total:>11}  "
                      f"{failed:>6}  {t.counts['running']:>7}  {t.counts['pending']:>7}")
     lines.append(format_progress(status))
+    empty = [t.name for t in status.tiles if t.n_objects == 0]
+    if empty:
+        lines.append(f"{len(empty)} tile(s) done with 0 objects (nothing to fit): {', '.join(empty)}")
+    lines += [f"  prep {t.name}: {text}" for t in status.tiles for text in t.warnings
+              if "0 objects" not in text]
     retrying = [item for item in status.items if item.retry and item.state in ACTIVE]
     if retrying:
         lines.append(f"{len(retrying)} retried or resubmitted:")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .subgrid import FIT_COLUMNS
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -74,7 +76,8 @@ def empty_results(grid) -> dict:
     f = np.zeros(0)
     names = ["CHI", "CHI_STD", "LOGR_CHI", "LOGR_VAR", "LOGR_CHI_VAR", "LOGR_PARAB", "LOGR_STD", "INDEX",
              "LOGR", "AX_RATIO", "ANGLE", "FLUX", "FLUX_ERR", "CHI2", "INDEX_MEAN", "INDEX_ERR",
-             "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN", "LOGR_ERR"]
+             "AX_RATIO_MEAN", "AX_RATIO_ERR", "ANGLE_MEAN", "ANGLE_ERR", "LOGR_MEAN", "LOGR_ERR",
+             *(name + suffix for name in FIT_COLUMNS for suffix in ("", "_ERR"))]
     cols = {n: f for n in names}
     cols.update(MODEL_IDX=np.zeros((0, 4), np.int16), DOF=np.zeros(0, np.int64), NPIX=np.zeros(0, np.int64),
                 FLAGS=np.zeros(0, np.int64), SURFACE=np.zeros((0, grid.size), np.float32))

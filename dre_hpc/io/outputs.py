@@ -62,7 +62,7 @@ def summary_table(results: dict, objects, zero_point=None, catalog: Table | None
     describe(table, bunit=catalog.meta.get("BUNIT") if catalog is not None else None)
     for key, value in (meta or {}).items():
         table.meta[key] = value
-    if catalog is not None and len(catalog):
+    if catalog is not None and (len(catalog) or not len(table)):    # an empty tile: columns, no rows
         table = _join_catalog(table, catalog)
     return table
 

@@ -39,15 +39,19 @@ def tile_inputs(image, sextracted_dir) -> dict:
     return paths
 
 
-def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions) -> dict:
-    """Cut one tile; write ``<output>/<img>_cuts.h5`` and its JSON report; return the report."""
+def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions, maps=None) -> dict:
+    """Cut one tile; write ``<output>/<img>_cuts.h5`` and its JSON report; return the report.
+
+    `maps`: ``{"weight": path, "flags": path}`` (either may be None): pixels whose weight is not
+    a positive finite number, or whose flag is not 0, are left out of every object's mask."""
     start = time.perf_counter()
     paths = tile_inputs(image, sextracted_dir)
+    extra = {role: Path(p) for role, p in (maps or {}).items() if p is not None}
     table = read_catalog(paths["cat"])
     for column in ("X_IMAGE", "Y_IMAGE"):
         if column not in table.colnames:
             raise InputError(f"catalogue {paths['cat']}: no {column} column")
-    images = TileImages({k: v for k, v in paths.items() if k != "cat"})
+    images = TileImages({**{k: v for k, v in paths.items() if k != "cat"}, **extra})
     try:
         selection = select_objects(table, images.shapes(ext_numbers(table)), options)
         cuts = cut_objects(table, selection.rows, images, options)
@@ -58,7 +62,8 @@ def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions) -> dict:
     name = tile_name(image)
     cuts_path = output / f"{name}_cuts.h5"
     write_cuts(cuts_path, cuts, layout=options.layout, compression=options.compression)
-    report = integrity_report(name, paths, table, selection, cuts, options, time.perf_counter() - start)
+    report = integrity_report(name, {**paths, **extra}, table, selection, cuts, options,
+                              time.perf_counter() - start)
     report["cuts_file"] = str(cuts_path)
     _write_json(output / f"{name}_cuts.json", report)
     return report

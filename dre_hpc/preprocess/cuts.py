@@ -24,6 +24,7 @@ from ..flags import CutFlag
 from ..io.cuts import COMPRESSION, CutoutSet, empty_objects, object_name
 from ..io.fits_check import check_fits
 from .masks import clean_mask
+from .weights import noise_from_weight, usable_weight, weight_scale
 
 BOXSIZE = 128
 
@@ -39,6 +40,7 @@ class CutsOptions:
     layout: str = "stacked"
     compression: str = "none"
     boxsize: int = BOXSIZE
+    weight_type: str = "MAP_WEIGHT"      # how a weight map gives the noise (`weights`)
 
     def __post_init__(self):
         if self.layout not in ("stacked", "dre"):
@@ -181,7 +183,8 @@ def cut_objects(table, rows, images: TileImages, options: CutsOptions) -> Cutout
     flags = np.zeros(len(sub), np.int64)
     for ext in np.unique(objects["EXT_NUMBER"]):
         idx = np.flatnonzero(objects["EXT_NUMBER"] == ext)
-        flags[idx] = _cut_extension(images, int(ext), objects[idx], data, rms, mask, idx, b)
+        flags[idx] = _cut_extension(images, int(ext), objects[idx], data, rms, mask, idx, b,
+                                    options.weight_type)
     objects["CUT_FLAGS"] = flags
     cuts = CutoutSet(data, mask, rms, objects, "make_cuts")
     cuts.names = [object_name(e, n) for e, n in zip(objects["EXT_NUMBER"], objects["NUMBER"])]
@@ -196,13 +199,31 @@ def _centres(sub, options) -> tuple:
     return np.asarray(sub["XWIN_IMAGE"], float), np.asarray(sub["YWIN_IMAGE"], float)
 
 
-def _cut_extension(images, ext, objects, data, rms, mask, idx, b) -> np.ndarray:
+def _map_cuts(images, ext, x0, y0, b, weight_type):
+    """``(unusable, noise)`` from the tile's weight and flag maps (`weights`): (N, B, B) True where
+    a pixel is ruled out, and the weight map's noise (NaN where it has none); None without maps."""
+    unusable = noise = None
+    if "weight" in images.planes:
+        weight = cut_stack(images.plane("weight", ext), x0, y0, b, 1)[0].astype(np.float64)
+        unusable = ~usable_weight(weight)
+        scale = weight_scale(images.plane("weight", ext), images.plane("rms", ext), weight_type)
+        noise = noise_from_weight(weight, weight_type, scale)
+    if "flags" in images.planes:
+        flagged = cut_stack(images.plane("flags", ext), x0, y0, b, 0)[0] != 0
+        unusable = flagged if unusable is None else unusable | flagged
+    return unusable, noise
+
+
+def _cut_extension(images, ext, objects, data, rms, mask, idx, b, weight_type) -> np.ndarray:
     x0, y0 = objects["X0"], objects["Y0"]
     nb, padded = cut_stack(images.plane("nb", ext), x0, y0, b)
     noise, _ = cut_stack(images.plane("rms", ext), x0, y0, b)
     seg, _ = cut_stack(images.plane("seg", ext), x0, y0, b, -1)
     raw = images.plane("image", ext)
     raw_cuts = cut_stack(raw, x0, y0, b)[0] if raw.dtype.kind == "f" else None
+    unusable, map_noise = _map_cuts(images, ext, x0, y0, b, weight_type)
+    if map_noise is not None:                # the weight map's noise where it has one (`weights`)
+        noise = np.where(np.isfinite(map_noise), map_noise, noise).astype(noise.dtype)
     flags = np.where(padded, int(CutFlag.PADDED), 0)
     for k, i in enumerate(idx):
         in_image = seg[k] >= 0                       # padding of the segmentation map is -1
@@ -211,6 +232,8 @@ def _cut_extension(images, ext, objects, data, rms, mask, idx, b) -> np.ndarray:
             finite &= np.isfinite(raw_cuts[k])
         own = seg[k] == objects["NUMBER"][k]
         m = clean_mask(own) & in_image
+        if unusable is not None:
+            m &= ~unusable[k]
         flags[k] |= int(CutFlag.NONFINITE) * bool((~finite & in_image).any())
         flags[k] |= int(CutFlag.ALL_ZERO) * bool(not np.any(nb[k][in_image]))
         flags[k] |= int(CutFlag.BAD_RMS) * bool((m & ~(noise[k] > 0) & np.isfinite(noise[k])).any())

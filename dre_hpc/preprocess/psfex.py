@@ -133,7 +133,7 @@ def read_config(path) -> dict:
     return values
 
 
-def star_fwhm_range(catalog, settings=None):
+def star_fwhm_range(catalog, settings=None, with_mode=False):
     """FWHM range (pixels, 2 x FLUX_RADIUS) of the stars of a catalogue, or None if not found.
 
     Parameters
@@ -142,10 +142,12 @@ def star_fwhm_range(catalog, settings=None):
         FITS_LDAC catalogue (every LDAC_OBJECTS HDU is used).
     settings : dict, optional
         SAMPLE_* values (strings, as in a configuration file); missing ones: `SAMPLE_DEFAULTS`.
+    with_mode : bool
+        Also return the locus's median FWHM.
 
     Returns
     -------
-    (low, high, n_stars) or None
+    (low, high, n_stars[, mode]) or None
     """
     conf = {**SAMPLE_DEFAULTS, **(settings or {})}
     try:
@@ -164,7 +166,17 @@ def star_fwhm_range(catalog, settings=None):
     mode = np.median(fwhm[start:start + LOCUS_MIN])
     mode = np.median(fwhm[(fwhm >= mode / step) & (fwhm <= mode * step ** 2)])   # all of the locus
     lo, hi = max(mode / step, low), min(mode * step ** 2, high)
-    return lo, hi, int(np.count_nonzero((fwhm >= lo) & (fwhm <= hi)))
+    found = lo, hi, int(np.count_nonzero((fwhm >= lo) & (fwhm <= hi)))
+    return (*found, float(mode)) if with_mode else found
+
+
+def locus_fwhm(catalog, config=None):
+    """``(FWHM, n)``: the median FWHM (pixels, 2 x FLUX_RADIUS) of the stellar locus of a
+    catalogue and its candidate count, with the SAMPLE_* settings of the PSFEx configuration
+    `config` (default: shipped); None without a locus."""
+    settings = {k: v for k, v in read_config(checked_config(config)).items() if k.startswith("SAMPLE_")}
+    found = star_fwhm_range(catalog, settings, with_mode=True)
+    return None if found is None else (found[3], found[2])
 
 
 def _candidate_fwhm(catalog, minsn, maxellip, low, high) -> np.ndarray:
@@ -173,6 +185,8 @@ def _candidate_fwhm(catalog, minsn, maxellip, low, high) -> np.ndarray:
     names = set(data.colnames)
     if not {"FLUX_RADIUS", "ELONGATION", "FLAGS"} <= names:
         raise InputError(f"catalogue {catalog} lacks FLUX_RADIUS, ELONGATION or FLAGS")
+    if not len(data):
+        return np.zeros(0)
     first = (lambda name: np.asarray(data[name], float).reshape(len(data), -1)[:, 0])
     snr = first("SNR_WIN") if "SNR_WIN" in names else first("FLUX_APER") / first("FLUXERR_APER")
     fwhm = 2.0 * first("FLUX_RADIUS")

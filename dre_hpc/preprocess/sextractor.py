@@ -28,6 +28,8 @@ from pathlib import Path
 
 from ..errors import DreError, InputError
 from ..models.psf import image_stem
+from .header_keys import header_key, header_number
+from .weights import WEIGHT_TYPES
 from .layout import SEXTRACTED_ROLES, for_each_tile, list_tile_images, sextracted_files
 from .tools import (config_path, find_tool, path_arg, read_image_header, run_tool, tool_warnings,
                     unpack_image)
@@ -60,6 +62,9 @@ class SexOptions:
     gain_key: str = "auto"
     flags_dir: str | Path | None = None
     weights_dir: str | Path | None = None
+    flag_image: str | Path | None = None          # one image's maps: win over the directories
+    weight_image: str | Path | None = None
+    weight_type: str = "MAP_WEIGHT"
     subdir: bool = False
     extra: dict = field(default_factory=dict)
     executable: str | None = None
@@ -92,7 +97,7 @@ def resolve_gain(header, mode="counts", gain_key: str = "auto", source="image") 
         The image header (astropy Header or dict).
     mode : {'counts', 'cps'} or float or str
         'counts': the header gain; 'cps': header gain x EXPTIME (image in counts per second);
-        a number (or a string holding one): that gain.
+        'header:KEY': header KEY; a number (or a string holding one): that gain.
     gain_key : str
         Header key of the gain; 'auto': ``GAIN`` if present, else the single key containing
         ``GAIN``.
@@ -105,6 +110,9 @@ def resolve_gain(header, mode="counts", gain_key: str = "auto", source="image") 
         Unknown mode, no or several gain keys, missing EXPTIME, non-numeric or negative values.
     """
     mode_text = str(mode).strip().lower()
+    if header_key(mode) is not None:
+        return _checked(header_number(header, header_key(mode), source, "gain"), f"header {header_key(mode)}",
+                        source)
     if mode_text not in ("counts", "cps"):
         try:
             value = float(mode)
@@ -176,7 +184,7 @@ def run_sextractor(image, output_dir="Sextracted", options: SexOptions | None = 
         unpacked = unpack_image(image, final["cat"].parent)
         keys["CATALOG_NAME"] = path_arg(parts["cat"], "output")
         keys["CHECKIMAGE_NAME"] = ",".join(path_arg(parts[k], "output") for k in ("nb", "rms", "seg"))
-        if options.flags_dir is not None:
+        if options.flags_dir is not None or options.flag_image is not None:
             param_copy = _flag_param_file(keys, final["cat"].parent)
         argv = [executable, path_arg(unpacked or image, "image")]
         for key, value in keys.items():
@@ -203,11 +211,13 @@ def check_options(options: SexOptions) -> None:
     if clash:
         raise InputError(f"SExtractor option(s) {', '.join(clash)} are set by sex_dre and cannot "
                          f"be overridden (the gain: --gain, --gain-key)")
-    if str(options.gain).strip().lower() not in ("counts", "cps"):
+    if str(options.gain).strip().lower() not in ("counts", "cps") and header_key(options.gain) is None:
         resolve_gain({}, options.gain)
     for folder, what in ((options.flags_dir, "flag map"), (options.weights_dir, "weight map")):
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"{what} directory {folder} does not exist")
+    if options.weight_type not in WEIGHT_TYPES:
+        raise InputError(f"weight type {options.weight_type!r}: expected one of {', '.join(WEIGHT_TYPES)}")
     _config_files(options)
 
 
@@ -220,11 +230,15 @@ def _command_keys(stem: str, gain: float, options: SexOptions) -> dict:
     keys = _config_files(options)
     keys.update(GAIN=f"{gain:.8g}", GAIN_KEY=NO_GAIN_KEY, CATALOG_TYPE="FITS_LDAC",
                 CHECKIMAGE_TYPE=CHECKIMAGE_TYPES)
-    if options.flags_dir is not None:
+    if options.flag_image is not None:
+        keys["FLAG_IMAGE"] = _map_file(options.flag_image, "flag map")
+    elif options.flags_dir is not None:
         keys["FLAG_IMAGE"] = _ancillary(options.flags_dir, stem, "_flag.fits", "flag map")
-    if options.weights_dir is not None:
-        keys["WEIGHT_TYPE"] = "MAP_WEIGHT"
-        keys["WEIGHT_IMAGE"] = _ancillary(options.weights_dir, stem, "_wht.fits", "weight map")
+    if options.weight_image is not None or options.weights_dir is not None:
+        keys["WEIGHT_TYPE"] = options.weight_type
+        keys["WEIGHT_IMAGE"] = (
+            _map_file(options.weight_image, "weight map") if options.weight_image is not None
+            else _ancillary(options.weights_dir, stem, "_wht.fits", "weight map"))
     keys.update(_extra(options))
     return keys
 
@@ -248,6 +262,12 @@ def _ancillary(folder, stem: str, suffix: str, what: str) -> str:
     path = Path(folder) / f"{stem}{suffix}"
     if not path.is_file():
         raise InputError(f"{what} for {stem} not found: expected {path}")
+    return path_arg(path, what)
+
+
+def _map_file(path, what: str) -> str:
+    if not Path(path).is_file():
+        raise InputError(f"{what} {path} not found")
     return path_arg(path, what)
 
 

@@ -26,7 +26,8 @@ from ..batch.rundir import RunDir, utc_now
 from ..errors import InputError
 from ..models.psf import image_stem
 from . import html
-from .run_data import RunData, chunk_label_of, load_run, summary, tile_rows
+from .run_data import (RunData, chunk_label_of, load_run, psf_rows, summary, tile_rows,
+                       tile_warnings)
 from .validation import validate
 
 REPORT = "report"
@@ -101,6 +102,7 @@ def build_report(run_dir, truth_dir=None, gallery: int = GALLERY_SIZE, write: bo
     data = _timed(seconds, "read", load_run, run_dir)
     head = summary(data)
     head["tiles_table"] = tile_rows(data)
+    head["psf_table"], head["tile_warnings"] = psf_rows(data), tile_warnings(data)
     validation, notes = _timed(seconds, "validation", validation_of, data, truth_dir)
     report = Report(None, head, validation, data.notes + notes, seconds)
     if write:
@@ -166,6 +168,15 @@ def _sections(data: RunData, report: Report, overview, times, checks, items) -> 
                        [tuple(r[c] for c in columns) + (", ".join(f"{k} {v}" for k, v in r["flags"].items()),)
                         for r in head["tiles_table"]], problem=lambda row: row[6] > 0)
     sections = [("Summary", numbers + html.notes(report.notes)), ("Tiles", tiles)]
+    if head["psf_table"]:
+        sections.append(("Tiles on a user or fallback PSF", html.table(
+            ["tile", "PSF", "file", "why"], [(r["tile"], r["source"], r["file"], r["reason"])
+                                             for r in head["psf_table"]],
+            problem=lambda row: row[1] == "fallback")))
+    if head["tile_warnings"]:
+        sections.append(("Tile warnings", html.table(
+            ["tile", "warning"], [(w["tile"], w["warning"]) for w in head["tile_warnings"]],
+            problem=lambda row: True)))
     if data.missing:
         sections.append(("Missing chunks", html.table(
             ["tile", "chunk", "state", "reason"],
@@ -201,8 +212,18 @@ def _validation_table(validation: dict) -> str:
     for name, stats in validation["parameters"].items():
         overall = stats["all"]
         rows.append((name, overall["n"], overall["bias"], overall["scatter"], overall["mean"], overall["rms"]))
-    return html.table(["parameter (fitted - true; FLUX: ratio - 1)", "n", "bias (median)",
-                       "scatter (1.4826 MAD)", "mean", "rms"], rows)
+    table = html.table(["parameter (fitted - true; FLUX: ratio - 1)", "n", "bias (median)",
+                        "scatter (1.4826 MAD)", "mean", "rms"], rows)
+    refined = validation.get("refined") or {}
+    if not refined:
+        return table
+    bins = [f"{row['lo'] or 0:g}-{row['hi']:g}" if row["hi"] is not None else f">= {row['lo']:g}"
+            for row in next(iter(refined.values()))["by_snr"]]
+    rows = [(f"{name}_FIT", stats["all"]["n"], stats["all"]["bias"], stats["all"]["scatter"],
+             stats["all"]["coverage"], *(row["coverage"] for row in stats["by_snr"]))
+            for name, stats in refined.items()]
+    return table + html.table(["sub-grid estimate", "n", "bias", "scatter", "coverage of +-1 sigma (68 % if right)",
+                               *(f"coverage, S/N {b}" for b in bins)], rows)
 
 
 def text_summary(report: Report) -> str:
@@ -214,6 +235,8 @@ def text_summary(report: Report) -> str:
         shown = "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
         lines.append(f"  {key:<{width}}  {shown:>9}")
     lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  PSF of {r['tile']}: {r['source']} {r['file']}".rstrip() for r in report.summary["psf_table"]]
+    lines += [f"  tile {w['tile']}: {w['warning']}" for w in report.summary["tile_warnings"]]
     if report.summary["missing_chunks"]:
         lines.append("  missing chunks: " + ", ".join(
             f"{t['tile']} ({t['missing_chunks']})" for t in report.summary["tiles_table"] if t["missing_chunks"]))

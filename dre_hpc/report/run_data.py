@@ -22,12 +22,15 @@ from ..batch.archive import archive_path
 from ..batch.collate import MISSING, read_record
 from ..batch.rundir import RunDir, chunk_label
 from ..errors import DreError
+from ..fit.subgrid import FIT_COLUMNS
 from ..flags import FitFlag
 from ..models.grid import ModelGrid
 
 #: Flat catalogue columns the report reads (``MAG``: magnitude of the fitted flux).
 COLUMNS = ("TILE", "ROW", "NUMBER", "EXT_NUMBER", "X_IMAGE", "Y_IMAGE", "MODEL_IDX", "INDEX", "LOGR",
            "AX_RATIO", "ANGLE", "FLUX", "MAG", "CHI2", "DOF", "FLAGS")
+#: Columns read where the catalogue has them: the sub-grid estimates (validation's coverage).
+OPTIONAL_COLUMNS = tuple(name + suffix for name in FIT_COLUMNS for suffix in ("", "_ERR"))
 
 
 class ReportError(DreError):
@@ -59,6 +62,7 @@ class RunData:
     missing: list                        # {"tile", "chunk", "state", "reason"} of chunks left out
     chunk_times: list = field(default_factory=list)
     notes: list = field(default_factory=list)   # what could not be read, for the page
+    preps: dict = field(default_factory=dict)   # tile -> its prep done marker ({} when unread)
 
     @property
     def tiles(self) -> list:
@@ -93,7 +97,8 @@ def _flat_catalogue(rundir: RunDir, run: str):
             if absent:
                 raise ReportError(f"{path}: the flat catalogue lacks the column(s) {', '.join(absent)}")
             rows = hdul[1].data
-            table = Table({c: np.array(rows[c]) if rows is not None else np.zeros(0) for c in COLUMNS})
+            wanted = COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in names)
+            table = Table({c: np.array(rows[c]) if rows is not None else np.zeros(0) for c in wanted})
     except (OSError, ValueError, TypeError) as exc:
         raise ReportError(f"{path}: cannot read the flat catalogue ({exc}); run dre-batch collate") from None
     table["TILE"] = np.char.rstrip(np.asarray(table["TILE"]).astype(str))
@@ -168,12 +173,13 @@ def load_run(run_dir) -> RunData:
     missing_path = rundir.collated(MISSING)
     missing = json.loads(missing_path.read_text())["missing"] if missing_path.is_file() else []
     markers = _Markers(rundir, run)
-    expected = {}
+    expected, preps = {}, {}
     for tile in tiles:
         prep = markers.read("prep", tile)
         expected[tile] = int(prep["n_objects"]) if prep and "n_objects" in prep else None
+        preps[tile] = prep or {}
     data = RunData(rundir.root, run, catalogue, grid, int(config["run"]["seed"]), images, expected, missing,
-                   _chunk_times(markers, record))
+                   _chunk_times(markers, record), preps=preps)
     if not data.chunk_times and record.get("tiles"):
         data.notes.append("run times per chunk: no done marker of the collated chunks could be read "
                           "(markers removed, or chunks redone since the collate?)")
@@ -219,6 +225,24 @@ def tile_rows(data: RunData) -> list:
                      "flagged": int((mine & (flags != 0)).sum()), "missing_chunks": missing.get(tile, 0),
                      "flags": {k: v for k, v in flag_counts(flags[mine]).items() if v}})
     return rows
+
+
+def psf_rows(data: RunData) -> list:
+    """Tiles whose PSF is not PSFEx's own: ``{"tile", "source", "file", "reason"}`` (source
+    ``user``, ``fallback`` or ``none``: no object to fit), from the prep done markers."""
+    rows = []
+    for tile in data.tiles:
+        psf = data.preps.get(tile, {}).get("psf") or {}
+        if psf.get("source") not in (None, "psfex"):
+            rows.append({"tile": tile, "source": psf["source"], "file": psf.get("file") or "",
+                         "reason": psf.get("reason") or psf.get("origin") or ""})
+    return rows
+
+
+def tile_warnings(data: RunData) -> list:
+    """``{"tile", "warning"}``: what the preps reported (no object, an image mostly NaN or zero)."""
+    return [{"tile": tile, "warning": str(text)} for tile in data.tiles
+            for text in data.preps.get(tile, {}).get("warnings") or []]
 
 
 def summary(data: RunData) -> dict:
