@@ -73,7 +73,7 @@ TABLE = {
         "gain": Key(None, "number_or_header", "gain in e-/ADU for the Poisson term: a number or "
                     "header:KEY (per tile); null: none", nullable=True, minimum=0),
         "batch_size": Key(None, "int", "objects fitted together in one batch; null: from the grid "
-                          "(1024 for the default cube, 256 for sersic)", nullable=True, minimum=1),
+                          "(1024 for the default cube, 512 for sersic)", nullable=True, minimum=1),
         "centre": Key(True, "bool", "move cutouts to the sub-pixel centre"),
         "min_pixels": Key(16, "int", "fewest usable mask pixels to fit", minimum=1),
         "psf_pixel": Key("included", "str", "whether the PSF contains the pixel response",

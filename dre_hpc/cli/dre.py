@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "resources.fit.cpus_per_task)")
     p.add_argument("--chunk", type=int, default=None,
                    help="objects fitted together in one batch (default: from the grid, 1024 for the "
-                        "default cube, 256 for sersic)")
+                        "default cube, 512 for sersic)")
     p.add_argument("--catalogs", default="Sextracted", help="directory with the SExtractor catalogues "
                    "joined to the summary and used for positions (default: Sextracted)")
     p.add_argument("--compression", choices=list(COMPRESSION), default="medium",

@@ -36,8 +36,8 @@ LANCZOS_MARGIN = LANCZOS_ORDER + 1
 #: With no ``batch_size`` set, a batch holds about this many bytes per float64 (objects, grid
 #: cells) array: the more objects a batch has, the closer the footprints that `product_groups`
 #: puts together (1024 objects: 15 % less fit time than 256 on the default cube), within
-#: `AUTO_BATCH_RANGE` objects (1024 for the default cube, 256 with the ``sersic`` index axis).
-AUTO_BATCH_BYTES = 64 * 2 ** 20
+#: `AUTO_BATCH_RANGE` objects (1024 for the default cube, 512 with the ``sersic`` index axis).
+AUTO_BATCH_BYTES = 128 * 2 ** 20
 AUTO_BATCH_RANGE = (16, 1024)
 #: Objects whose catalogue columns are computed together from their float64 (objects, cells)
 #: surfaces: few enough that those stay in cache (2.5 MB for the default cube).
@@ -285,8 +285,10 @@ class _Windows:
             return
         idx = np.stack(np.unravel_index(mm.representatives[best_unique], self.grid.shape), axis=1)
         cells, self.centre[grp.index] = window(self.grid, idx)
+        usable = to_host(grp.w > 0)
+        extent = usable.shape[1] - np.argmax(usable[:, ::-1], axis=1)       # last weighted row + 1
         self.b[grp.index], self.gram[grp.index] = window_products(xp, mm.models[:grp.n], grp.d, grp.w,
-                                                                  mm.inverse[cells])
+                                                                  mm.inverse[cells], extent)
         w = grp.w.astype(xp.float64)
         self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
 

@@ -94,21 +94,24 @@ def _offsets(d: int) -> np.ndarray:
     return np.array(list(itertools.product((-1, 0, 1), repeat=d)), dtype=np.int64).reshape(-1, d)
 
 
-def window_products(xp, models, d, w, cells_unique):
+def window_products(xp, models, d, w, cells_unique, extent=None):
     """Host float64 ``b = M^T W d`` (g, c) and ``G = M^T W M`` (g, c, c) of each object's window.
 
     ``models`` (P, K) on the backend; ``d, w`` (g, P) the group's data and weights;
-    ``cells_unique`` (g, c) host unique-model indices of the windows. Float32 products (their
-    rounding moves the minimum by about 1e-3 of a step at S/N 1000), summed in float64 across blocks
-    of `PRODUCT_BLOCK` objects."""
+    ``cells_unique`` (g, c) host unique-model indices of the windows; ``extent`` (g,) host: the
+    leading rows that hold each object's weighted pixels (all P by default), so that a block of
+    `PRODUCT_BLOCK` objects gathers only the rows its objects use. Float32 products (their rounding
+    moves the minimum by about 1e-3 of a step at S/N 1000), summed in float64 across blocks."""
     g, c = cells_unique.shape
+    extent = np.full(g, d.shape[1]) if extent is None else np.asarray(extent)
     b, gram = np.empty((g, c)), np.empty((g, c, c))
     for lo in range(0, g, PRODUCT_BLOCK):
         hi = min(lo + PRODUCT_BLOCK, g)
+        n = max(int(extent[lo:hi].max(initial=1)), 1)
         cols = xp.asarray(cells_unique[lo:hi])
-        m = xp.stack([xp.take(models, cols[i], axis=1) for i in range(hi - lo)])     # (n, P, c)
-        mw = m * w[lo:hi, :, None]
-        b[lo:hi] = to_host(xp.matmul(d[lo:hi, None, :], mw)[:, 0])
+        m = xp.stack([xp.take(models[:n], cols[i], axis=1) for i in range(hi - lo)])     # (k, n, c)
+        mw = m * w[lo:hi, :n, None]
+        b[lo:hi] = to_host(xp.matmul(d[lo:hi, None, :n], mw)[:, 0])
         gram[lo:hi] = to_host(xp.matmul(mw.transpose(0, 2, 1), m))
     return b, gram
 
