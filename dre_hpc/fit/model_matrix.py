@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import DreError
 from ..models.convolve import ALGORITHM_VERSION, convolve_cube, psf_digest, remove_pixel_response
-from .backend import get_backend
+from .backend import get_backend, to_host
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,21 @@ def to_pixel_major(stamps, order, out=None) -> np.ndarray:
     return out
 
 
+#: Fraction of a model's sum of squares allowed beyond its `ModelMatrix.support`.
+SUPPORT_TAIL = 1e-7
+
+
+def model_support(xp, models_sq, tail=SUPPORT_TAIL, block=256) -> np.ndarray:
+    """(K,) host number of leading rows of each column of ``models_sq`` (P, K) that hold all but
+    ``tail`` of its sum (float64 cumulative sums, `block` columns at a time)."""
+    p, k = models_sq.shape
+    out = np.empty(k, dtype=np.int64)
+    for lo in range(0, k, block):
+        cum = xp.cumsum(models_sq[:, lo:lo + block].astype(xp.float64), axis=0)
+        out[lo:lo + block] = to_host((cum < (1 - tail) * cum[-1]).sum(axis=0)) + 1
+    return np.minimum(out, p)
+
+
 class ModelMatrix:
     """The unique convolved models of a grid on the backend ``xp``, pixel-major in radial order.
 
@@ -99,6 +114,15 @@ class ModelMatrix:
             from .dre_kernel import model_row_min
             self._row_min = model_row_min(self.xp, self.models)
         return self._row_min
+
+    @property
+    def support(self) -> np.ndarray:
+        """(K,) host: the leading rows that hold all but `SUPPORT_TAIL` of each model's sum of
+        squares (made on first use, one pass over the squares): beyond them a model adds nothing
+        that float32 products could show (the sub-grid window's products stop there)."""
+        if getattr(self, "_support", None) is None:
+            self._support = model_support(self.xp, self.models_sq)
+        return self._support
 
     @property
     def n_models(self) -> int:

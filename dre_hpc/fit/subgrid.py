@@ -52,8 +52,10 @@ MAX_OFFSET = 1.5
 NEWTON_STEPS = 8
 MAX_STEP = 0.5
 CONVERGED = 1e-4
-#: Objects whose window products are computed together (one (objects, pixels, 3^D) gather).
+#: Objects whose window products are computed together, and the bytes of the model rows they
+#: gather their window's columns from at a time (a slab that stays in cache).
 PRODUCT_BLOCK = 16
+GATHER_BYTES = 512 * 1024
 #: Systematic error added in quadrature to each statistical one (LOGR in dex, AX_RATIO absolute,
 #: ANGLE in degrees, INDEX and FLUX relative): the dispersion that the accuracy benchmark
 #: (``benchmarks/bench_accuracy.py``, seed 16) left beyond the statistical errors at S/N 100-1000,
@@ -104,15 +106,20 @@ def window_products(xp, models, d, w, cells_unique, extent=None):
     moves the minimum by about 1e-3 of a step at S/N 1000), summed in float64 across blocks."""
     g, c = cells_unique.shape
     extent = np.full(g, d.shape[1]) if extent is None else np.asarray(extent)
-    b, gram = np.empty((g, c)), np.empty((g, c, c))
+    rows = max(8, GATHER_BYTES // (4 * int(models.shape[1])))
+    b, gram = np.zeros((g, c)), np.zeros((g, c, c))
     for lo in range(0, g, PRODUCT_BLOCK):
         hi = min(lo + PRODUCT_BLOCK, g)
         n = max(int(extent[lo:hi].max(initial=1)), 1)
-        cols = xp.asarray(cells_unique[lo:hi])
-        m = xp.stack([xp.take(models[:n], cols[i], axis=1) for i in range(hi - lo)])     # (k, n, c)
-        mw = m * w[lo:hi, :n, None]
-        b[lo:hi] = to_host(xp.matmul(d[lo:hi, None, :n], mw)[:, 0])
-        gram[lo:hi] = to_host(xp.matmul(mw.transpose(0, 2, 1), m))
+        cols = xp.asarray(cells_unique[lo:hi].ravel())
+        # rows a cache-sized slab at a time: every object's columns gathered from the slab while it
+        # is in cache (a column-wise gather over all rows reads a cache line per value)
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            m = xp.take(models[r0:r1], cols, axis=1).reshape(r1 - r0, hi - lo, c).transpose(1, 0, 2)
+            mw = m * w[lo:hi, r0:r1, None]
+            b[lo:hi] += to_host(xp.matmul(d[lo:hi, None, r0:r1], mw)[:, 0])
+            gram[lo:hi] += to_host(xp.matmul(mw.transpose(0, 2, 1), m))
     return b, gram
 
 
