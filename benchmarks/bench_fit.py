@@ -95,7 +95,7 @@ class Profiler:
     """Time spent inside some engine functions, by wrapping them in the engine's namespace."""
 
     NAMES = ("clean_cutouts", "footprint_extent", "centre_cutouts", "wls_chi2", "recheck_wls",
-             "dre_chi_one", "summarize", "posterior_weights")
+             "dre_chi_one", "window_products", "refine", "summarize", "posterior_weights")
 
     def __init__(self):
         self.saved, self.seconds = {}, {}
