@@ -88,10 +88,10 @@ def _join_catalog(table: Table, catalog: Table) -> Table:
             if name not in keys:
                 table[name] = catalog[name][:0]
         return table
+    for key in keys:                      # the join keys are ours: our unit and description
+        catalog[key].unit, catalog[key].info.description = table[key].unit, table[key].info.description
     joined = join(table, catalog, keys=keys, join_type="left")
     joined.sort("ROW")
-    for key in keys:                      # the join keys are ours: our unit and description
-        joined[key].unit, joined[key].info.description = table[key].unit, table[key].info.description
     return joined
 
 
