@@ -187,30 +187,53 @@ def _profiled(hess):
 
 def _minimise(t, b, gram, c_total, free):
     """Newton steps from t (g, d) on the axes ``free``, each halved while it does not lower chi2;
-    until no object moves by more than `CONVERGED` of a step, at most `NEWTON_STEPS` times."""
+    an object stops when its step is below `CONVERGED` of a grid step, all after `NEWTON_STEPS`.
+    Trial points need only the chi-square (`_chi2`); derivatives are made where a step was taken."""
     t = t.copy()
     chi2, grad, hess, _, _ = _state(t, b, gram, c_total, free)
     d = t.shape[1]
+    active = np.arange(len(t))
     for _ in range(NEWTON_STEPS):
-        h = _profiled(hess)
+        h = _profiled(hess[active])
         low = np.linalg.eigvalsh(np.where(np.isfinite(h), h, 0.0))[:, 0]
         shift = np.where(low > 0, 0.0, 1e-6 - low)[:, None, None] * np.eye(d)   # not convex: damped
-        step = -np.linalg.solve(h + shift, np.where(np.isfinite(grad), grad, 0.0)[:, :, None])[:, :, 0]
-        step = np.clip(np.where(free, step, 0.0), -MAX_STEP, MAX_STEP)
-        if not (np.abs(step) > CONVERGED).any():
+        g = np.where(np.isfinite(grad[active]), grad[active], 0.0)
+        step = -np.linalg.solve(h + shift, g[:, :, None])[:, :, 0]
+        step = np.clip(np.where(free[active], step, 0.0), -MAX_STEP, MAX_STEP)
+        keep = (np.abs(step) > CONVERGED).any(axis=1)
+        active, step = active[keep], step[keep]
+        if not active.size:
             break
+        moved = np.zeros(len(t), dtype=bool)
         for _ in range(4):
-            moving = np.flatnonzero((step != 0).any(axis=1))
-            if not moving.size:
+            moving = (step != 0).any(axis=1)
+            if not moving.any():
                 break
-            trial = np.clip(t[moving] + step[moving], -MAX_OFFSET, MAX_OFFSET)
-            c2, g2, h2, _, _ = _state(trial, b[moving], gram[moving], c_total[moving], free[moving])
-            better = c2 <= chi2[moving]
-            rows = moving[better]
-            t[rows], chi2[rows], grad[rows], hess[rows] = trial[better], c2[better], g2[better], h2[better]
-            step[rows] = 0.0
-            step[moving[~better]] /= 2
+            rows = active[moving]
+            trial = np.clip(t[rows] + step[moving], -MAX_OFFSET, MAX_OFFSET)
+            c2 = _chi2(trial, b[rows], gram[rows], c_total[rows])
+            better = c2 <= chi2[rows]
+            t[rows[better]], chi2[rows[better]] = trial[better], c2[better]
+            moved[rows[better]] = True
+            lower = np.flatnonzero(moving)
+            step[lower[better]] = 0.0
+            step[lower[~better]] /= 2
+        done = np.flatnonzero(moved)
+        if done.size:
+            _, grad[done], hess[done], _, _ = _state(t[done], b[done], gram[done], c_total[done], free[done])
     return t, chi2, hess
+
+
+def _chi2(t, b, gram, c_total):
+    """The chi-square at the best amplitude (>= 0) at t, without derivatives."""
+    g, d = t.shape
+    value = np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], -1)
+    lw = np.ones((g, 1))
+    for j in range(d):
+        lw = (lw[:, :, None] * value[:, j, None, :]).reshape(g, -1)
+    s = np.maximum(np.einsum("gc,gc->g", lw, b), 0)
+    q = np.einsum("gc,gc->g", lw, np.matmul(gram, lw[:, :, None])[:, :, 0])
+    return c_total - s * s / np.where(q > 0, q, 1.0)
 
 
 def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, amp_err, reduced_chi2):
