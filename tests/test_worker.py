@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("
 
 BASE = ["prep.margin=40", "fit.batch_size=4"]
 PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs", "models",
-                  "bytes", "attempt"}
+                  "bytes", "attempt", "psf", "seeing", "photometry", "maps", "image", "warnings"}
 FIT_DONE_KEYS = {"tile", "chunk", "n_chunks", "start", "stop", "rows", "outputs", "seconds", "job_id",
                  "host", "time", "config_hash", "prep_digest", "attempt", "ranks", "schedule", "resumed_objects",
                  "fitted_objects", "checkpoints", "per_rank"}
@@ -73,6 +73,7 @@ def test_prep_writes_products_and_a_done_marker_with_checksums(run):
     assert run_stage("prep", run.root, tile=0) == 0
     kind, done = run.read_marker("prep", "tiny")
     assert kind == "done" and set(done) == PREP_DONE_KEYS
+    assert done["psf"]["source"] == "psfex" and done["seeing"]["fwhm_pixels"] > 0
     # the prep convolved the fits' models (one PSF extension) into the tile's model cache
     assert done["models"]["convolved"] == 1 and len(list(run.model_cache("tiny").glob("*.npy"))) == 1
     cuts = run.tile_dir("tiny") / "Cuts" / "tiny_cuts.h5"
