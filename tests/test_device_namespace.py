@@ -340,7 +340,7 @@ def test_device_paths_are_selected_by_namespace_name():
 def matrices(default_models, sim_galaxies):
     _, _, psf = sim_galaxies
     cpu_mm = default_models.for_psf(psf)
-    dev_mm = ModelMatrix(guarded, default_models.grid, cpu_mm.host)
+    dev_mm = ModelMatrix(guarded, default_models.grid, cpu_mm.host, models_major=cpu_mm.models_major)
     return cpu_mm, dev_mm
 
 

@@ -169,3 +169,22 @@ def test_refined_parameters_beat_the_grid_on_simulated_galaxies(default_models, 
     elongated = clean & (truth["AX_RATIO"] < 0.7)
     assert np.percentile(angle_distance(res["ANGLE_FIT"], truth["ANGLE"])[elongated], 68) < 3.0
     assert np.all(res["LOGR_FIT_ERR"][clean] > 0) and np.all(res["FLUX_FIT_ERR"][clean] > 0)
+
+
+def test_model_major_products_equal_the_pixel_major_ones():
+    """The window products from the model-major copy (small cubes) and from the pixel-major matrix
+    by slabs (large cubes) agree to float32 rounding."""
+    grid = ModelGrid.default()
+    qm = QuadraticModels(grid)
+    models = qm.matrix()
+    rng = np.random.default_rng(4)
+    idx = np.stack([np.zeros(5, int), rng.integers(0, 10, 5), rng.integers(0, 12, 5), rng.integers(0, 21, 5)], 1)
+    cells, _ = window(grid, idx)
+    d = rng.normal(0, 1, (5, N_PIX)).astype(np.float32)
+    w = rng.uniform(0.5, 2, (5, N_PIX)).astype(np.float32)
+    extent = np.array([N_PIX, 40, 50, N_PIX, 30])
+    w[np.arange(N_PIX)[None, :] >= extent[:, None]] = 0
+    b1, g1 = window_products(np, models, d, w, cells, extent)
+    b2, g2 = window_products(np, models, d, w, cells, extent, np.ascontiguousarray(models.T))
+    np.testing.assert_allclose(b2, b1, rtol=1e-5, atol=1e-6 * np.abs(b1).max())
+    np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())

@@ -289,8 +289,9 @@ class _Windows:
         extent = usable.shape[1] - np.argmax(usable[:, ::-1], axis=1)       # last weighted row + 1
         unique = mm.inverse[cells]
         extent = np.minimum(extent, mm.support[unique].max(axis=1))          # where the models are
-        self.b[grp.index], self.gram[grp.index] = window_products(xp, mm.models[:grp.n], grp.d, grp.w,
-                                                                  unique, extent)
+        self.b[grp.index], self.gram[grp.index] = window_products(
+            xp, mm.models[:grp.n], grp.d, grp.w, unique, extent,
+            None if mm.models_major is None else mm.models_major[:, :grp.n])
         w = grp.w.astype(xp.float64)
         self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
 

@@ -66,6 +66,9 @@ def to_pixel_major(stamps, order, out=None) -> np.ndarray:
     return out
 
 
+#: Largest model matrix (bytes) of which `NodeModels` also keeps a model-major copy (the default
+#: cube's 150 MB: yes; the sersic cube's 1.8 GB: no).
+MODEL_MAJOR_BYTES = 512 * 2 ** 20
 #: Fraction of a model's sum of squares allowed beyond its `ModelMatrix.support`.
 SUPPORT_TAIL = 1e-7
 
@@ -87,13 +90,14 @@ class ModelMatrix:
     Attributes
     ----------
     models, models_sq : (P, K) float32 backend arrays; row i is stamp pixel ``order[i]``.
+    models_major : optional (K, P) copy of ``models`` (model-major), where the holder keeps one.
     order : (P,) flat stamp index of each row; ``rank`` its inverse; ``radius`` the distance of
         each row's pixel from the model centre (non-decreasing).
     representatives, inverse : the grid's unique models (`ModelGrid.unique_models`).
     host : the (P, K) host array of ``models``.
     """
 
-    def __init__(self, xp, grid, models_t, models_sq_t=None):
+    def __init__(self, xp, grid, models_t, models_sq_t=None, models_major=None):
         self.representatives, self.inverse = grid.unique_models()
         k, p = self.representatives.size, grid.boxsize * grid.boxsize
         if tuple(models_t.shape) != (p, k):
@@ -105,6 +109,7 @@ class ModelMatrix:
         if models_sq_t is None:
             models_sq_t = xp.multiply(self.models, self.models)
         self.models_sq = xp.asarray(models_sq_t)
+        self.models_major = None if models_major is None else xp.asarray(models_major)
 
     @property
     def row_min(self):
@@ -179,6 +184,8 @@ class NodeModels:
         k, p = grid.unique_models()[0].size, grid.boxsize * grid.boxsize
         alloc = comm.shared_array if self.shared else np.empty
         self.convolved, self.convolved_sq = alloc((p, k), np.float32), alloc((p, k), np.float32)
+        # model-major too where it is small: the sub-grid windows then read contiguous rows
+        self.convolved_major = alloc((k, p), np.float32) if 4 * k * p <= MODEL_MAJOR_BYTES else None
         self.order = radial_layout(grid.boxsize)[0]
         if describe is None:
             self._take_stamps(cube)
@@ -216,8 +223,17 @@ class NodeModels:
             if not self._load_cached(digest):
                 self._convolve(psf, digest)
             self.digest = digest
-            self.matrix = ModelMatrix(self.xp, self.grid, self.convolved, self.convolved_sq)
+            self.matrix = ModelMatrix(self.xp, self.grid, self.convolved, self.convolved_sq,
+                                      self.convolved_major)
         return self.matrix
+
+    def _fill_major(self, lo, hi, block=256):
+        """Models ``lo:hi`` into the model-major copy (when there is one), a block at a time."""
+        if self.convolved_major is None:
+            return
+        for start in range(lo, hi, block):
+            stop = min(start + block, hi)
+            self.convolved_major[start:stop] = self.convolved[:, start:stop].T
 
     def _cache_path(self, digest):
         if self.cache_dir is None:
@@ -233,6 +249,7 @@ class NodeModels:
             hit = _read_npy(path, self.convolved)
             if hit:
                 np.multiply(self.convolved, self.convolved, out=self.convolved_sq)
+                self._fill_major(0, self.convolved.shape[1])
         if self.shared:
             hit = self.comm.bcast(hit if self.comm.rank == 0 else None)
             self.comm.barrier()
@@ -249,6 +266,7 @@ class NodeModels:
             cols = self.convolved[:, start:stop]
             to_pixel_major(block, self.order, out=cols)
             np.multiply(cols, cols, out=self.convolved_sq[:, start:stop])
+            self._fill_major(start, stop)
         self.n_convolved += 1
         if self.shared:
             self.comm.barrier()

@@ -96,16 +96,19 @@ def _offsets(d: int) -> np.ndarray:
     return np.array(list(itertools.product((-1, 0, 1), repeat=d)), dtype=np.int64).reshape(-1, d)
 
 
-def window_products(xp, models, d, w, cells_unique, extent=None):
+def window_products(xp, models, d, w, cells_unique, extent=None, models_major=None):
     """Host float64 ``b = M^T W d`` (g, c) and ``G = M^T W M`` (g, c, c) of each object's window.
 
     ``models`` (P, K) on the backend; ``d, w`` (g, P) the group's data and weights;
     ``cells_unique`` (g, c) host unique-model indices of the windows; ``extent`` (g,) host: the
     leading rows that hold each object's weighted pixels (all P by default), so that a block of
     `PRODUCT_BLOCK` objects gathers only the rows its objects use. Float32 products (their rounding
-    moves the minimum by about 1e-3 of a step at S/N 1000), summed in float64 across blocks."""
+    moves the minimum by about 1e-3 of a step at S/N 1000), summed in float64 across blocks.
+    With ``models_major`` (K, P), the model-major copy, each window's columns are contiguous rows."""
     g, c = cells_unique.shape
     extent = np.full(g, d.shape[1]) if extent is None else np.asarray(extent)
+    if models_major is not None:
+        return _major_products(xp, models_major, d, w, cells_unique, extent)
     rows = max(8, GATHER_BYTES // (4 * int(models.shape[1])))
     b, gram = np.zeros((g, c)), np.zeros((g, c, c))
     for lo in range(0, g, PRODUCT_BLOCK):
@@ -120,6 +123,20 @@ def window_products(xp, models, d, w, cells_unique, extent=None):
             mw = m * w[lo:hi, r0:r1, None]
             b[lo:hi] += to_host(xp.matmul(d[lo:hi, None, r0:r1], mw)[:, 0])
             gram[lo:hi] += to_host(xp.matmul(mw.transpose(0, 2, 1), m))
+    return b, gram
+
+
+def _major_products(xp, models_major, d, w, cells_unique, extent):
+    """`window_products` from the model-major copy: one row gather per block of objects."""
+    g, c = cells_unique.shape
+    b, gram = np.empty((g, c)), np.empty((g, c, c))
+    for lo in range(0, g, PRODUCT_BLOCK):
+        hi = min(lo + PRODUCT_BLOCK, g)
+        n = max(int(extent[lo:hi].max(initial=1)), 1)
+        m = models_major[xp.asarray(cells_unique[lo:hi].ravel()), :n].reshape(hi - lo, c, n)   # (k, c, n)
+        mw = m * w[lo:hi, None, :n]
+        b[lo:hi] = to_host(xp.matmul(mw, d[lo:hi, :n, None])[:, :, 0])
+        gram[lo:hi] = to_host(xp.matmul(mw, m.transpose(0, 2, 1)))
     return b, gram
 
 
