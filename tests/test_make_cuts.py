@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+from scipy import ndimage
 import pytest
 from astropy.io import fits
 from astropy.nddata import Cutout2D
@@ -21,7 +22,7 @@ from dre_hpc.flags import CutFlag
 from dre_hpc.io.cuts import read_cuts
 from dre_hpc.preprocess.cut_tiles import cut_tile
 from dre_hpc.preprocess.cuts import CutsOptions, cut_start
-from dre_hpc.preprocess.masks import clean_mask
+from dre_hpc.preprocess.masks import FIT_GROW_ITERATIONS, clean_mask
 
 NY, NX = 300, 340
 #            NUMBER  X_IMAGE  Y_IMAGE  CLASS_STAR  FLUX_AUTO   what it tests
@@ -97,9 +98,15 @@ def test_cut_matches_cutout2d_and_records_the_offset(workdir):
     assert x - 1 - obj["X0"] == pytest.approx(64 + obj["DX"])
     assert y - 1 - obj["Y0"] == pytest.approx(64 + obj["DY"])
     assert -1 < obj["DX"] <= 0 and -1 < obj["DY"] <= 0
-    own = seg[obj["Y0"]:obj["Y0"] + 128, obj["X0"]:obj["X0"] + 128] == number
-    np.testing.assert_array_equal(cuts.mask[row], clean_mask(own))
+    window = seg[obj["Y0"]:obj["Y0"] + 128, obj["X0"]:obj["X0"] + 128]
+    own = window == number
+    # the default mask: grown by 12 pixels, never onto another object's segment
+    grown = ndimage.binary_dilation(clean_mask(own, 1), iterations=FIT_GROW_ITERATIONS - 1)
+    np.testing.assert_array_equal(cuts.mask[row], grown & ~((window > 0) & ~own))
+    assert not (cuts.mask[row] & (window > 0) & ~own).any()
     assert np.all(cuts.rms[row] == 2.0) and obj["CUT_FLAGS"] == 0
+    original = read_cuts(_cut(workdir, margin=40, mask="original")["cuts_file"])
+    np.testing.assert_array_equal(original.mask[_by_number(original)[1]], clean_mask(own))
 
 
 def test_edge_cuts_are_padded_not_shrunk(workdir):
@@ -136,7 +143,7 @@ def test_object_missing_from_segmentation_is_flagged(workdir):
     cuts = read_cuts(_cut(workdir, margin=40)["cuts_file"])
     row = _by_number(cuts)[1]
     assert cuts.objects["CUT_FLAGS"][row] == CutFlag.NO_SEGMENT
-    assert cuts.mask[row].sum() == clean_mask(np.zeros((128, 128), bool)).sum()
+    assert cuts.mask[row].sum() == clean_mask(np.zeros((128, 128), bool), FIT_GROW_ITERATIONS).sum()
 
 
 def test_dre_layout_holds_the_same_cuts(workdir):

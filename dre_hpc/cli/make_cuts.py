@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "datasets with a position table (default), or the original one group per object")
     p.add_argument("--compression", choices=list(COMPRESSION), default="none",
                    help="HDF5 compression: none, low (lzf), medium (gzip 4), high (gzip 9) (default: none)")
+    p.add_argument("--mask", choices=("grown", "original"), default="grown",
+                   help="fit mask: the segment grown by 12 pixels without the neighbours' segments "
+                        "(default), or the original's, grown by 4 pixels into them")
     p.add_argument("--warn", action="store_true", help="show numerical and FITS warnings")
     return p
 
@@ -58,7 +61,8 @@ def drive(argv=None) -> int:
         except ValueError:
             raise InputError(f"-f {param} {low} {high}: MIN and MAX must be numbers") from None
     options = CutsOptions(margin=args.margin, max_stellarity=args.max_stellarity, filters=tuple(filters),
-                          centroids=args.centroids, layout=args.layout, compression=args.compression)
+                          centroids=args.centroids, layout=args.layout, compression=args.compression,
+                          mask=args.mask)
     reports, failures = cut_all_tiles(args.input, args.sextracted, args.output, options)
     total = sum(r["cut"] for r in reports)
     log.info("done: %d cutouts from %d tile(s) into %s%s", total, len(reports), args.output,

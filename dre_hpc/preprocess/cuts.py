@@ -23,7 +23,7 @@ from ..errors import InputError
 from ..flags import CutFlag
 from ..io.cuts import COMPRESSION, CutoutSet, empty_objects, object_name
 from ..io.fits_check import check_fits
-from .masks import clean_mask
+from .masks import MASKS, object_mask
 from .weights import noise_from_weight, usable_weight, weight_scale
 
 BOXSIZE = 128
@@ -41,6 +41,7 @@ class CutsOptions:
     compression: str = "none"
     boxsize: int = BOXSIZE
     weight_type: str = "MAP_WEIGHT"      # how a weight map gives the noise (`weights`)
+    mask: str = "grown"                  # the fit mask (`masks`): grown, or the original's
 
     def __post_init__(self):
         if self.layout not in ("stacked", "dre"):
@@ -52,6 +53,8 @@ class CutsOptions:
                              "so dre would centre on the catalogue's X_IMAGE/Y_IMAGE instead")
         if self.margin < 0:
             raise InputError(f"--margin {self.margin}: expected >= 0")
+        if self.mask not in MASKS:
+            raise InputError(f"--mask {self.mask!r}: expected one of {', '.join(MASKS)}")
 
 
 @dataclass
@@ -184,7 +187,7 @@ def cut_objects(table, rows, images: TileImages, options: CutsOptions) -> Cutout
     for ext in np.unique(objects["EXT_NUMBER"]):
         idx = np.flatnonzero(objects["EXT_NUMBER"] == ext)
         flags[idx] = _cut_extension(images, int(ext), objects[idx], data, rms, mask, idx, b,
-                                    options.weight_type)
+                                    options.weight_type, options.mask)
     objects["CUT_FLAGS"] = flags
     cuts = CutoutSet(data, mask, rms, objects, "make_cuts")
     cuts.names = [object_name(e, n) for e, n in zip(objects["EXT_NUMBER"], objects["NUMBER"])]
@@ -214,7 +217,7 @@ def _map_cuts(images, ext, x0, y0, b, weight_type):
     return unusable, noise
 
 
-def _cut_extension(images, ext, objects, data, rms, mask, idx, b, weight_type) -> np.ndarray:
+def _cut_extension(images, ext, objects, data, rms, mask, idx, b, weight_type, mask_kind) -> np.ndarray:
     x0, y0 = objects["X0"], objects["Y0"]
     nb, padded = cut_stack(images.plane("nb", ext), x0, y0, b)
     noise, _ = cut_stack(images.plane("rms", ext), x0, y0, b)
@@ -231,7 +234,7 @@ def _cut_extension(images, ext, objects, data, rms, mask, idx, b, weight_type) -
         if raw_cuts is not None:
             finite &= np.isfinite(raw_cuts[k])
         own = seg[k] == objects["NUMBER"][k]
-        m = clean_mask(own) & in_image
+        m = object_mask(seg[k], objects["NUMBER"][k], mask_kind) & in_image
         if unusable is not None:
             m &= ~unusable[k]
         flags[k] |= int(CutFlag.NONFINITE) * bool((~finite & in_image).any())
