@@ -10,7 +10,7 @@ VENV_BIN := $(abspath $(VENV))/bin
 # machine (set TEST_PATH to widen it, e.g. for a SExtractor built into /usr/local/bin).
 TEST_PATH ?= $(VENV_BIN):/usr/sbin:/usr/bin:/sbin:/bin
 
-.PHONY: setup tools demo test bench clean
+.PHONY: setup tools demo test bench container-check clean
 
 setup: $(STAMP) tools
 
@@ -26,11 +26,22 @@ $(STAMP): setup.cfg pyproject.toml
 demo: setup
 	PATH="$(VENV_BIN):$$PATH" $(PY) -m dre_hpc.demo --workdir $(DEMO_DIR)
 
+# The container build (about 4 minutes cold, mostly mpi4py's single-threaded compile) starts in the
+# background and overlaps the other tests; tests/test_container_build.py runs last and waits for it.
 test: setup
-	env PATH="$(TEST_PATH)" $(PY) -m pytest -q
+	@mkdir -p build
+	$(PY) containers/build_rootfs.py > build/container-prebuild.log 2>&1 & prebuild=$$!; \
+	env PATH="$(TEST_PATH)" $(PY) -m pytest -q; status=$$?; \
+	kill $$prebuild 2>/dev/null; wait $$prebuild 2>/dev/null; exit $$status
 
 bench: setup
 	$(PY) benchmarks/bench_fit.py
+
+# containers/dre_hpc.def executed without Apptainer: a Debian rootfs in build/container (or
+# $DRE_CONTAINER_CACHE), cached by the hash of the recipe and the package; `make test` runs it too
+# (tests/test_container_build.py)
+container-check: setup
+	$(PY) containers/build_rootfs.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build dist *.egg-info

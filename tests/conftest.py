@@ -6,6 +6,15 @@ import pytest
 
 from slurm_cluster import session_cluster
 
+#: Test modules run after all others: the container build (`make test` starts it in the background
+#: at the beginning, and its tests wait for it on the build's lock).
+RUN_LAST = ("test_container_build.py",)
+
+
+def pytest_collection_modifyitems(items):
+    """Move the `RUN_LAST` modules' tests to the end, in their order."""
+    items.sort(key=lambda item: item.path.name in RUN_LAST)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):

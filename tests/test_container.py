@@ -1,9 +1,10 @@
 """The Apptainer definition containers/dre_hpc.def, checked without building it.
 
-Apptainer cannot be installed here (not in Debian, no binary on PyPI), so the image is not built
-in the tests. Instead the definition is parsed with spython (PyPI), its sections and packages
-are checked, and every shell section (%post, %environment, %runscript, %test) must pass
-shellcheck as POSIX sh: Apptainer runs them with /bin/sh (dash on Debian).
+Apptainer cannot be installed here (not in Debian, no binary on PyPI); tests/test_container_build.py
+executes the recipe without it (containers/build_rootfs.py). Here the definition is parsed with
+spython (PyPI), its sections and packages are checked, and every shell section (%post,
+%environment, %runscript, %test) must pass shellcheck as POSIX sh: Apptainer runs them with
+/bin/sh (dash on Debian).
 """
 
 from __future__ import annotations

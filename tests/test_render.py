@@ -221,3 +221,52 @@ def test_script_refuses_a_directory_without_manifest(tmp_path):
     (tmp_path / "fit.sh").write_text(render_script(config, "local", "fit", context(config, "fit")))
     proc = subprocess.run(["bash", "fit.sh"], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 2 and "not a dre-batch run directory" in proc.stderr
+
+
+# -- container.runtime: bwrap (a root filesystem folder in place of apptainer exec) --------------
+def rootfs_folder(tmp_path):
+    """A folder with the exec action of an image (what build_rootfs.py and apptainer --sandbox make)."""
+    image = tmp_path / "image root"
+    (image / ".singularity.d" / "actions").mkdir(parents=True)
+    (image / ".singularity.d" / "actions" / "exec").write_text("#!/bin/sh\nexec \"$@\"\n")
+    return image
+
+
+def test_bwrap_runtime_enters_the_folder_with_the_image_environment(tmp_path):
+    image = rootfs_folder(tmp_path)
+    config = resolve(None, [f"container.image={image}", "container.runtime=bwrap",
+                            "container.binds=[/data, '/x y:/mnt/x:ro', '/s:/scratch:rw']",
+                            "resources.fit.ntasks_per_node=2"])
+    text = render_script(config, "local", "fit", context(config, "fit"))
+    prefix = (f"bwrap --ro-bind '{image}' / --dev-bind /dev /dev --proc /proc --ro-bind /sys /sys "
+              "--ro-bind /etc/hosts /etc/hosts --bind /tmp /tmp --bind /var/tmp /var/tmp "
+              "--bind \"$PWD\" \"$PWD\" --bind /data /data --ro-bind '/x y' /mnt/x --bind /s /scratch "
+              "--chdir \"$PWD\" --setenv PYTHONNOUSERSITE 1 /.singularity.d/actions/exec python")
+    assert f"\nmpirun --oversubscribe --bind-to none -n 2 {prefix} -m dre_hpc.batch.worker fit . --ranks 2 &\n" in text
+    assert f"\n{prefix} -m dre_hpc.batch.worker finish fit . --exit-code \"$status\"\n" in text
+    script = tmp_path / "fit.sh"
+    script.write_text(text)
+    proc = subprocess.run([shellcheck(), "--shell=bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("container.gpu=true", "container.gpu: true needs container.runtime apptainer"),
+    ("container.binds=[/a:/b:rx]", r"container.binds: '/a:/b:rx': expected SRC\[:DST\[:ro\|rw\]\]"),
+])
+def test_bwrap_runtime_refuses_what_it_cannot_do(tmp_path, override, message):
+    config = resolve(None, [f"container.image={rootfs_folder(tmp_path)}", "container.runtime=bwrap", override])
+    with pytest.raises(RenderError, match=message):
+        render_script(config, "slurm", "fit", context(config, "fit"))
+
+
+def test_bwrap_runtime_needs_a_root_filesystem_folder(tmp_path):
+    sif = tmp_path / "dre_hpc.sif"
+    sif.write_bytes(b"SIF")
+    for image, message in ((sif, "is a file; container.runtime bwrap enters a root filesystem folder"),
+                           (tmp_path, "has no .singularity.d/actions/exec")):
+        config = resolve(None, [f"container.image={image}", "container.runtime=bwrap"])
+        with pytest.raises(RenderError, match=message):
+            render_script(config, "local", "prep", context(config, "prep"))
+    with pytest.raises(DreError, match="container.runtime: 'docker' is not one of apptainer, bwrap"):
+        resolve(None, ["container.runtime=docker"])

@@ -140,6 +140,9 @@ TABLE = {
         "image": Key(None, "str", "Apptainer image; null: run on the host", nullable=True),
         "binds": Key([], "strlist", "bind mounts, SRC[:DST[:OPTS]]"),
         "gpu": Key(False, "bool", "pass --nv to apptainer exec"),
+        "runtime": Key("apptainer", "str", "how payloads enter the image: apptainer (exec of a SIF image) or "
+                       "bwrap (bubblewrap into image = a root filesystem folder, to test an image without "
+                       "Apptainer; containers/README.md)", choices=("apptainer", "bwrap")),
     },
 }
 

@@ -9,7 +9,8 @@ exactly this render context::
      "job_name": str}        # scheduler job name
 
 Everything else comes from the config: ``resources.<stage>`` (directives, launcher, prologue,
-epilogue), ``container`` (image, binds, gpu), ``run.python`` and ``scheduler.warning_seconds``
+epilogue), ``container`` (image, binds, gpu, runtime: ``apptainer exec`` or ``bwrap`` into a root
+filesystem folder), ``run.python`` and ``scheduler.warning_seconds``
 (SLURM fit jobs: ``--signal=B:USR1@N``). With a container image the
 payload runs the image's Python: ``run.python`` when set, else ``python`` from the image's PATH
 (the host's interpreter does not exist inside the image), so ``context["python"]`` is then unused.
@@ -117,8 +118,19 @@ def total_ranks(res) -> int:
     return int(res["nodes"]) * int(res["ntasks_per_node"])
 
 
+def bwrap_bind(spec: str) -> str:
+    """An Apptainer bind ``SRC[:DST[:ro|rw]]`` as bubblewrap options: ``--bind SRC DST`` or
+    ``--ro-bind SRC DST`` (quoted)."""
+    parts = str(spec).split(":")
+    if len(parts) > 3 or not parts[0] or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise RenderError(f"container.binds: {spec!r}: expected SRC[:DST[:ro|rw]] for the bwrap runtime")
+    source, dest = parts[0], parts[1] if len(parts) > 1 and parts[1] else parts[0]
+    option = "--ro-bind" if len(parts) == 3 and parts[2] == "ro" else "--bind"
+    return f"{option} {shquote(source)} {shquote(dest)}"
+
+
 FILTERS = {"shquote": shquote, "walltime_hms": walltime_hms, "walltime_slurm": walltime_slurm,
-           "mem_slurm": mem_slurm, "mem_pbs": mem_pbs, "pbs_select": pbs_select}
+           "mem_slurm": mem_slurm, "mem_pbs": mem_pbs, "pbs_select": pbs_select, "bwrap_bind": bwrap_bind}
 
 
 # -- templates ---------------------------------------------------------------------------------
@@ -184,6 +196,21 @@ def validate(config, scheduler: str, stage: str, context: dict) -> None:
         _check_warning(int(config.scheduler["warning_seconds"]), res["walltime"])
     if not str(context["python"]).strip():
         raise RenderError("run.python: empty Python path")
+    if config.container["image"] and config.container["runtime"] == "bwrap":
+        _check_rootfs(config.container)
+
+
+def _check_rootfs(container) -> None:
+    """``container.runtime: bwrap`` enters a root filesystem folder; it has no --nv."""
+    image = Path(container["image"])
+    if container["gpu"]:
+        raise RenderError("container.gpu: true needs container.runtime apptainer (--nv); bwrap passes no GPUs")
+    if image.is_file():
+        raise RenderError(f"container.image: {image} is a file; container.runtime bwrap enters a root "
+                          f"filesystem folder (make container-check builds one; apptainer runs SIF files)")
+    if image.is_dir() and not (image / ".singularity.d" / "actions" / "exec").is_file():
+        raise RenderError(f"container.image: {image} has no .singularity.d/actions/exec: not a root filesystem "
+                          f"built by containers/build_rootfs.py or apptainer build --sandbox")
 
 
 def _check_warning(warning: int, walltime: str) -> None:
