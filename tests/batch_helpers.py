@@ -138,6 +138,15 @@ def signal_when_started(run_dir, tile: str, tile_index: int, chunk: int, sig, ar
     raise AssertionError(f"chunk {chunk} of {tile} never started")
 
 
+def collated_copy(reference_dir, run_dir) -> Path:
+    """A copy of a finished run at `run_dir`, collated there (the reference run is left as it is)."""
+    import shutil
+    shutil.copytree(reference_dir, run_dir, symlinks=True)
+    result = dre_batch("collate", run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Path(run_dir)
+
+
 def flat_path(run_dir) -> Path:
     """The flat catalogue that collate writes: ``collated/<run>_dre.fits``."""
     name = json.loads((Path(run_dir) / "manifest.json").read_text())["run"]

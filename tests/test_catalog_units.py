@@ -4,7 +4,6 @@ QTables with the right units."""
 
 from __future__ import annotations
 
-import shutil
 import warnings
 
 import numpy as np
@@ -13,7 +12,7 @@ from astropy import units as u
 from astropy.io import fits
 from astropy.table import QTable, Table
 
-from batch_helpers import dre_batch, flat_path, local_reference, sim_tiles  # noqa: F401
+from batch_helpers import collated_copy, dre_batch, flat_path, local_reference, sim_tiles  # noqa: F401
 from dre_hpc.batch.rundir import RunDir
 from dre_hpc.fit.engine import FitOptions, fit_cutouts
 from dre_hpc.io.columns import COLUMNS, MAX_DESCRIPTION, TRUTH_INFO, fits_unit, flux_unit
@@ -96,11 +95,7 @@ def test_flux_unit_from_the_catalogue_and_catalogue_columns_keep_theirs(tmp_path
 @pytest.fixture(scope="module")
 def collated(local_reference, tmp_path_factory):  # noqa: F811
     """A collated copy of the real local run of two simulated tiles."""
-    run_dir = tmp_path_factory.mktemp("units") / "run"
-    shutil.copytree(local_reference[0], run_dir, symlinks=True)
-    result = dre_batch("collate", run_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return run_dir
+    return collated_copy(local_reference[0], tmp_path_factory.mktemp("units") / "run")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ versions), never one of its chunks; a chunk's own cards stay in the chunk files.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import numpy as np
@@ -13,7 +12,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from batch_fixtures import complete_run, failed
-from batch_helpers import dre_batch, flat_path, local_reference, sim_tiles  # noqa: F401
+from batch_helpers import collated_copy, dre_batch, flat_path, local_reference, sim_tiles  # noqa: F401
 from dre_hpc import __version__
 from dre_hpc.batch.collate import collate
 from dre_hpc.batch.prep_job import prep_digest
@@ -35,11 +34,7 @@ def flat_parts(path) -> tuple:
 @pytest.fixture(scope="module")
 def collated(local_reference, tmp_path_factory):  # noqa: F811
     """A collated copy of the real local run (two tiles, two chunks each)."""
-    run_dir = tmp_path_factory.mktemp("provenance") / "run"
-    shutil.copytree(local_reference[0], run_dir, symlinks=True)
-    result = dre_batch("collate", run_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return RunDir(run_dir)
+    return RunDir(collated_copy(local_reference[0], tmp_path_factory.mktemp("provenance") / "run"))
 
 
 @pytest.mark.slow
