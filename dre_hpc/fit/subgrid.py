@@ -140,21 +140,27 @@ def _major_products(xp, models_major, d, w, cells_unique, extent):
     return b, gram
 
 
+def _lagrange(t):
+    """Quadratic Lagrange weights of the nodes -1, 0, 1 at t (g, d): (g, d, 3)."""
+    return np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], -1)
+
+
+def _tensor(factors, g):
+    """Outer product over the axes of per-axis (g, 3) factors: (g, 3^d), the last axis fastest."""
+    out = np.ones((g, 1))
+    for f in factors:
+        out = (out[:, :, None] * f[:, None, :]).reshape(g, -1)
+    return out
+
+
 def _basis(t):
     """Lagrange weights (g, c), their first (g, d, c) and second (g, d, d, c) derivatives at t (g, d)."""
     g, d = t.shape
-    value = np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], -1)        # (g, d, 3)
+    value = _lagrange(t)                                                      # (g, d, 3)
     first = np.stack([t - 0.5, -2 * t, t + 0.5], -1)
     second = np.broadcast_to(np.array([1.0, -2.0, 1.0]), value.shape)
-
-    def product(factors):
-        out = np.ones((g, 1))
-        for f in factors:
-            out = (out[:, :, None] * f[:, None, :]).reshape(g, -1)
-        return out
-
-    lw = product([value[:, j] for j in range(d)])
-    dlw = np.stack([product([first[:, j] if j == k else value[:, j] for j in range(d)])
+    lw = _tensor([value[:, j] for j in range(d)], g)
+    dlw = np.stack([_tensor([first[:, j] if j == k else value[:, j] for j in range(d)], g)
                     for k in range(d)], 1)
     d2 = np.empty((g, d, d, 3 ** d))
     for k in range(d):
@@ -164,7 +170,7 @@ def _basis(t):
                 factors[k] = second[:, k]
             else:
                 factors[k], factors[m] = first[:, k], first[:, m]
-            d2[:, k, m] = d2[:, m, k] = product(factors)
+            d2[:, k, m] = d2[:, m, k] = _tensor(factors, g)
     return lw, dlw, d2
 
 
@@ -244,10 +250,8 @@ def _minimise(t, b, gram, c_total, free):
 def _chi2(t, b, gram, c_total):
     """The chi-square at the best amplitude (>= 0) at t, without derivatives."""
     g, d = t.shape
-    value = np.stack([t * (t - 1) / 2, 1 - t * t, t * (t + 1) / 2], -1)
-    lw = np.ones((g, 1))
-    for j in range(d):
-        lw = (lw[:, :, None] * value[:, j, None, :]).reshape(g, -1)
+    value = _lagrange(t)
+    lw = _tensor([value[:, j] for j in range(d)], g)
     s = np.maximum(np.einsum("gc,gc->g", lw, b), 0)
     q = np.einsum("gc,gc->g", lw, np.matmul(gram, lw[:, :, None])[:, :, 0])
     return c_total - s * s / np.where(q > 0, q, 1.0)
