@@ -20,6 +20,7 @@ from dre_hpc.io.cuts import write_cuts
 from dre_hpc.sim.cutouts import SimSpec, simulate_cutouts
 
 from helpers import psfex_hdu, write_psfex
+from scratch import scratch_dir
 
 IMG = "tile7"
 N = 9
@@ -43,9 +44,9 @@ def sim():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, sim):
+def workdir(request, tmp_path_factory, sim):
     cuts, _, psf = sim
-    root = tmp_path_factory.mktemp("bad_inputs")
+    root = scratch_dir(request, tmp_path_factory, "bad_inputs")
     (root / "Cuts").mkdir()
     (root / "CutsDRE").mkdir()
     write_cuts(root / "Cuts" / f"{IMG}_cuts.h5", cuts)

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.table import Table
+from scratch import scratch_dir
 
 pytestmark = [
     pytest.mark.slurm, pytest.mark.slow,
@@ -121,10 +122,10 @@ def chunk_states(status: dict) -> dict:
 
 # -- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiles(tmp_path_factory):
+def tiles(request, tmp_path_factory):
     """Two tiny simulated tiles and a tiles file listing them: ``(tiles file, [images])``."""
     from dre_hpc.sim.tile import TileSpec, simulate_tile
-    root = tmp_path_factory.mktemp("slurm_tiles")
+    root = scratch_dir(request, tmp_path_factory, "slurm_tiles")
     images = [simulate_tile(TileSpec(size=512, n_galaxies=15, n_stars=30, seed=3 + i),
                             root / "Tiles" / f"{name}.fits", root / f"{name}_truth.fits")[0]
               for i, name in enumerate(TILES)]
@@ -141,10 +142,10 @@ def batch(slurm_cluster, default_cube_file):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiles, batch):
+def reference(request, tmp_path_factory, tiles, batch):
     """The uninterrupted SLURM run (2 tiles x 2 chunks): setup, dry run, run, status --wait,
     collate, link. Returns ``{"dir", "dry", "run", "status", "collate", "link"}``."""
-    root = tmp_path_factory.mktemp("slurm_reference")
+    root = scratch_dir(request, tmp_path_factory, "slurm_reference")
     run_dir = root / "run"
     batch.ok("setup", write_config(root / "run.yaml"), tiles[0], "--run-dir", run_dir)
     steps = {"dir": run_dir, "dry": batch.ok("run", run_dir, "--dry-run")}

@@ -18,6 +18,7 @@ from dre_hpc.fit.engine import FitOptions, fit_cutouts
 from dre_hpc.io.columns import COLUMNS, MAX_DESCRIPTION, TRUTH_INFO, fits_unit, flux_unit
 from dre_hpc.io.cuts import empty_objects
 from dre_hpc.io.outputs import EXTRA_COLUMNS, ORIGINAL_COLUMNS, summary_table, write_summary
+from scratch import scratch_dir
 
 #: The main columns and their units in a run on simulated tiles (BUNIT = 'ADU'); None: no unit.
 MAIN_UNITS = {"FLUX": u.adu, "FLUX_ERR": u.adu, "MAG": u.mag, "MAG_ERR": u.mag, "ANGLE": u.deg,
@@ -93,9 +94,9 @@ def test_flux_unit_from_the_catalogue_and_catalogue_columns_keep_theirs(tmp_path
 # -- a real run ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def collated(local_reference, tmp_path_factory):  # noqa: F811
+def collated(request, local_reference, tmp_path_factory):  # noqa: F811
     """A collated copy of the real local run of two simulated tiles."""
-    return collated_copy(local_reference[0], tmp_path_factory.mktemp("units") / "run")
+    return collated_copy(local_reference[0], scratch_dir(request, tmp_path_factory, "units") / "run")
 
 
 @pytest.mark.slow

@@ -15,13 +15,14 @@ from astropy.table import Table
 from batch_helpers import dre_batch, make_run, sim_tiles, write_config  # noqa: F401
 from dre_hpc.batch.config import load_config
 from dre_hpc.batch.prep_job import run_prep
+from scratch import scratch_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("psfex") is None, reason="SExtractor/PSFEx not installed")
 
 
 @pytest.fixture(scope="module")
-def empty_tiles(tmp_path_factory):
-    root = tmp_path_factory.mktemp("empty")
+def empty_tiles(request, tmp_path_factory):
+    root = scratch_dir(request, tmp_path_factory, "empty")
     rng = np.random.default_rng(5)
     fits.writeto(root / "noise.fits", rng.normal(100, 3, (300, 300)).astype(np.float32))
     fits.writeto(root / "blank.fits", np.full((300, 300), np.nan, np.float32))

@@ -28,6 +28,7 @@ from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
 from dre_hpc.sim.match import angle_distance
 
 from helpers import env_command, psfex_hdu, write_psfex
+from scratch import scratch_dir
 
 IMG = "field1"
 B = 128
@@ -133,9 +134,9 @@ def sim():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, sim):
+def workdir(request, tmp_path_factory, sim):
     cuts, _, psf = sim
-    return make_workdir(tmp_path_factory.mktemp("dre_cli"), cuts, psf)
+    return make_workdir(scratch_dir(request, tmp_path_factory, "dre_cli"), cuts, psf)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from dre_hpc.batch.config import TABLE, ConfigError, Key, load_config, resolve
+from scratch import scratch_dir
 
 # derandomized: CI sees the same examples every run (reproducible); widen max_examples to explore
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -129,8 +130,8 @@ def test_fuzz_overrides(key, value, sep):
 
 
 @pytest.fixture(scope="module")
-def yaml_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz_yaml")
+def yaml_dir(request, tmp_path_factory):
+    return scratch_dir(request, tmp_path_factory, "fuzz_yaml")
 
 
 @FUZZ

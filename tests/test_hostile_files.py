@@ -39,6 +39,7 @@ from dre_hpc.models.grid import Axis, ModelGrid
 from dre_hpc.models.psf import read_psf
 
 from helpers import psfex_hdu, write_psfex
+from scratch import scratch_dir
 
 BOX = 16
 REPO = Path(__file__).resolve().parents[1]
@@ -104,8 +105,8 @@ CUTS_READERS = [r for r in H5_READERS if r != "write_chi"]
 
 
 @pytest.fixture(scope="module")
-def valid(tmp_path_factory):
-    return build_valid(tmp_path_factory.mktemp("valid"))
+def valid(request, tmp_path_factory):
+    return build_valid(scratch_dir(request, tmp_path_factory, "valid"))
 
 
 def expect_error(reader_id, path):
@@ -449,8 +450,8 @@ FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_heal
 
 
 @pytest.fixture(scope="module")
-def fuzz_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("fuzz")
+def fuzz_dir(request, tmp_path_factory):
+    return scratch_dir(request, tmp_path_factory, "fuzz")
 
 
 def _accept_or(error, call):

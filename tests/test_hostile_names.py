@@ -42,6 +42,7 @@ from astropy.table import Table
 from batch_helpers import dre_batch, flat_path, write_config
 from dre_hpc.batch.rundir import is_safe_tile_name, safe_tile_name
 from dre_hpc.models.psf import image_stem
+from scratch import scratch_dir
 
 HAVE_TOOLS = shutil.which("psfex") is not None and (shutil.which("source-extractor") or shutil.which("sex"))
 needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="SExtractor/PSFEx not installed (bin/install-system-packages)")
@@ -146,10 +147,10 @@ def test_planted_command_is_live(tmp_path, key):
 
 # -- local scheduler: one run with every hostile tile ---------------------------------------------
 @pytest.fixture(scope="module")
-def local_hostile(tmp_path_factory, base_tile, default_cube_file):
+def local_hostile(request, tmp_path_factory, base_tile, default_cube_file):
     if not HAVE_TOOLS:
         pytest.skip("SExtractor/PSFEx not installed")
-    root = tmp_path_factory.mktemp("hostile_local")
+    root = scratch_dir(request, tmp_path_factory, "hostile_local")
     pwned = root / "PWNED"
     images = hostile_images(base_tile, root / "images", HOSTILE, pwned)
     tiles = nul_tiles_file(root / "tiles.nul", images.values())

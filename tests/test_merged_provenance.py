@@ -17,6 +17,7 @@ from dre_hpc import __version__
 from dre_hpc.batch.collate import collate
 from dre_hpc.batch.prep_job import prep_digest
 from dre_hpc.batch.rundir import RunDir
+from scratch import scratch_dir
 
 CHUNK_CARDS = ("CHUNK", "NCHUNKS", "OBJSTART", "OBJSTOP")
 
@@ -32,9 +33,9 @@ def flat_parts(path) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def collated(local_reference, tmp_path_factory):  # noqa: F811
+def collated(request, local_reference, tmp_path_factory):  # noqa: F811
     """A collated copy of the real local run (two tiles, two chunks each)."""
-    return RunDir(collated_copy(local_reference[0], tmp_path_factory.mktemp("provenance") / "run"))
+    return RunDir(collated_copy(local_reference[0], scratch_dir(request, tmp_path_factory, "provenance") / "run"))
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from batch_helpers import make_run
 
 from dre_hpc.batch.rundir import RunDir
 from dre_hpc.batch.worker import run_stage
+from scratch import scratch_dir
 
 HARNESS = str(Path(__file__).with_name("worker_harness.py"))
 MPIRUN = shutil.which("mpirun")
@@ -39,10 +40,10 @@ pytestmark = [pytest.mark.mpi,
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, default_cube_file):
+def prepared(request, tmp_path_factory, default_cube_file):
     """A run over one tiny tile, its prep done: the template every test copies."""
     from dre_hpc.sim.tile import TileSpec, simulate_tile
-    root = tmp_path_factory.mktemp("mpi_worker")
+    root = scratch_dir(request, tmp_path_factory, "mpi_worker")
     image = simulate_tile(TileSpec(size=512, n_galaxies=15, n_stars=30, seed=3),
                           root / "Tiles" / "tiny.fits", root / "truth.fits")[0]
     run = make_run(root, [image], ["prep.margin=40", "fit.batch_size=2", "chunking.chunks_per_tile=1"])
@@ -52,9 +53,9 @@ def prepared(tmp_path_factory, default_cube_file):
 
 
 @pytest.fixture(scope="module")
-def reference(prepared, tmp_path_factory):
+def reference(request, prepared, tmp_path_factory):
     """The chunk fitted by one process without MPI: ``{kind: sha256}`` of its outputs."""
-    run = _copy(prepared, tmp_path_factory.mktemp("reference"))
+    run = _copy(prepared, scratch_dir(request, tmp_path_factory, "reference"))
     assert _worker(run).returncode == 0
     return _hashes(run)
 

@@ -23,6 +23,7 @@ from dre_hpc.batch.rundir import RunDir
 from dre_hpc.cli.dre import main as dre_main
 
 from batch_helpers import dre_batch, sim_tiles, write_config  # noqa: F401  (sim_tiles: fixture)
+from scratch import scratch_dir
 
 HAVE_TOOLS = shutil.which("psfex") is not None and (shutil.which("source-extractor") or shutil.which("sex"))
 pytestmark = pytest.mark.skipif(not HAVE_TOOLS, reason="SExtractor/PSFEx not installed")
@@ -40,8 +41,8 @@ def two_extension_tile(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def batch_run(tmp_path_factory, sim_tiles, default_cube_file):   # noqa: F811
-    root = tmp_path_factory.mktemp("one_path")
+def batch_run(request, tmp_path_factory, sim_tiles, default_cube_file):   # noqa: F811
+    root = scratch_dir(request, tmp_path_factory, "one_path")
     plain = Path(sim_tiles.read_text().split()[1])
     mef = two_extension_tile(Path(sim_tiles.read_text().split()[0]), root / "mef.fits")
     tiles = root / "tiles.txt"

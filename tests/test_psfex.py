@@ -22,6 +22,7 @@ from dre_hpc.models.psf import psf_path_for_image, read_psf
 from dre_hpc.preprocess.psfex import check_psf, psfex_all, run_psfex, star_fwhm_range
 from dre_hpc.preprocess.sextractor import run_sextractor
 from dre_hpc.preprocess.tools import find_tool
+from scratch import scratch_dir
 
 N_STARS = 40
 
@@ -52,9 +53,9 @@ def fitted_fwhm(psf, beta):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
+def prepared(request, tmp_path_factory):
     """A 768x768 tile (40 stars FWHM 2.5 px S/N 100-1000, 15 galaxies) through sex_dre and psfex_dre."""
-    root = tmp_path_factory.mktemp("psfex_tile")
+    root = scratch_dir(request, tmp_path_factory, "psfex_tile")
     image, truth, spec = simulate(root, size=768, n_galaxies=15, n_stars=N_STARS, seed=12)
     catalog = run_sextractor(image, root / "Sextracted").catalog
     done, failed = psfex_all(root / "Sextracted", root / "PSF")

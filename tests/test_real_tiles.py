@@ -28,6 +28,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from batch_helpers import dre_batch
+from scratch import scratch_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("psfex") is None, reason="SExtractor/PSFEx not installed (bin/install-system-packages)")]
@@ -46,9 +47,9 @@ def gaussian_psf(path: Path, fwhm: float = 3.0) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_tiles(tmp_path_factory):
+def real_tiles(request, tmp_path_factory):
     """``(folder, tiles file)``: links named ``m13.fits``, ``dss495.fits``, ``hbo.fits``."""
-    root = tmp_path_factory.mktemp("real")
+    root = scratch_dir(request, tmp_path_factory, "real")
     (root / "Tiles").mkdir()
     images = {"m13": M13}
     if MIDAS:

@@ -23,6 +23,7 @@ from batch_helpers import dre_batch, flat_path, local_reference, sim_tiles  # no
 from dre_hpc.batch.rundir import RunDir
 from dre_hpc.flags import FitFlag
 from dre_hpc.sim.tile import read_truth
+from scratch import scratch_dir
 
 pytestmark = pytest.mark.slow
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -51,9 +52,9 @@ def report(run_dir, *args):
 
 
 @pytest.fixture(scope="module")
-def reported(local_reference, tmp_path_factory):  # noqa: F811
+def reported(request, local_reference, tmp_path_factory):  # noqa: F811
     """The collated copy with its report: ``(run_dir, report folder, CompletedProcess)``."""
-    run_dir = collated_copy(local_reference, tmp_path_factory.mktemp("report"))
+    run_dir = collated_copy(local_reference, scratch_dir(request, tmp_path_factory, "report"))
     result = report(run_dir, "--gallery", "3")
     return run_dir, run_dir / "output" / "report", result
 

@@ -26,6 +26,7 @@ from dre_hpc.io.cuts import read_cuts
 from dre_hpc.models.generate import default_cube_path
 from dre_hpc.models.psf import read_psf
 from dre_hpc.report.gallery import CubeFile, mosaic_arrays, pick_gallery, write_gallery
+from scratch import scratch_dir
 
 #: chi-square of the drawn arrays vs the catalogue's CHI2 (seen: ~1e-8; a one-pixel shift: > 0.3)
 CHI2_RTOL = 1e-5
@@ -34,9 +35,9 @@ local_reference, sim_tiles = batch_helpers.local_reference, batch_helpers.sim_ti
 
 
 @pytest.fixture(scope="module")
-def collated(local_reference, tmp_path_factory):
+def collated(request, local_reference, tmp_path_factory):
     """A collated copy of the local reference run: ``(run_dir, flat catalogue)``."""
-    run_dir = tmp_path_factory.mktemp("gallery") / "run"
+    run_dir = scratch_dir(request, tmp_path_factory, "gallery") / "run"
     shutil.copytree(local_reference[0], run_dir, symlinks=True)
     result = dre_batch("collate", run_dir)
     assert result.returncode == 0, result.stderr

@@ -19,14 +19,15 @@ from dre_hpc.batch.config import load_config
 from dre_hpc.batch.prep_job import run_prep
 from dre_hpc.errors import InputError
 from dre_hpc.preprocess.seeing import psf_fwhm, tile_seeing
+from scratch import scratch_dir
 
 pytestmark = pytest.mark.skipif(shutil.which("psfex") is None, reason="SExtractor/PSFEx not installed")
 
 
 @pytest.fixture(scope="module")
-def seeing_tiles(tmp_path_factory):
+def seeing_tiles(request, tmp_path_factory):
     from dre_hpc.sim.tile import TileSpec, simulate_tile
-    root = tmp_path_factory.mktemp("seeing")
+    root = scratch_dir(request, tmp_path_factory, "seeing")
     for fwhm in (2.0, 6.0):
         spec = TileSpec(size=384, n_galaxies=4, n_stars=25, seed=int(fwhm), psf_fwhm=fwhm,
                         min_separation=30, star_snr=(100, 400))

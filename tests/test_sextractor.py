@@ -17,6 +17,7 @@ from dre_hpc.preprocess.layout import list_tile_images as list_images
 from dre_hpc.preprocess.sextractor import (SexOptions, output_paths, resolve_gain,
                                            run_sextractor, sextract_all)
 from dre_hpc.preprocess.tools import config_path, find_tool, run_tool
+from scratch import scratch_dir
 
 N_STARS, N_GALAXIES, SIZE = 40, 15, 768
 COLUMNS = ("NUMBER", "EXT_NUMBER", "X_IMAGE", "Y_IMAGE", "XWIN_IMAGE", "YWIN_IMAGE", "A_IMAGE",
@@ -29,19 +30,19 @@ pytestmark = pytest.mark.skipif(shutil.which("source-extractor") is None and shu
 
 
 @pytest.fixture(scope="module")
-def tile(tmp_path_factory):
+def tile(request, tmp_path_factory):
     """A 768x768 simulated tile: 40 Moffat stars (FWHM 2.5 px, S/N 100-1000), 15 Sersic galaxies,
     sky 100 ADU, gain 4 e-/ADU, EXPTIME 100 s; returns (Tiles dir, truth table)."""
     from dre_hpc.sim.tile import TileSpec, read_truth, simulate_tile
-    root = tmp_path_factory.mktemp("sex_tile")
+    root = scratch_dir(request, tmp_path_factory, "sex_tile")
     spec = TileSpec(size=SIZE, n_galaxies=N_GALAXIES, n_stars=N_STARS, seed=11)
     simulate_tile(spec, root / "Tiles" / "tile.fits", root / "truth.fits")
     return root / "Tiles", read_truth(root / "truth.fits")
 
 
 @pytest.fixture(scope="module")
-def sextracted(tile, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sex_out") / "Sextracted"
+def sextracted(request, tile, tmp_path_factory):
+    out = scratch_dir(request, tmp_path_factory, "sex_out") / "Sextracted"
     done, failed = sextract_all(tile[0], out)
     assert not failed and len(done) == 1
     return done[0]

@@ -10,14 +10,15 @@ import dre_hpc
 from dre_hpc.cli.dre_sim import main
 from dre_hpc.errors import InputError
 from dre_hpc.sim.tile import TRUTH_COLUMNS, TileSpec, read_truth, render_tile, simulate_tile
+from scratch import scratch_dir
 
 SPEC = TileSpec(size=1024, n_galaxies=40, n_stars=40, seed=7)
 
 
 @pytest.fixture(scope="module")
-def tile(tmp_path_factory):
+def tile(request, tmp_path_factory):
     """The small tile written once: (image path, truth path)."""
-    out = tmp_path_factory.mktemp("tile")
+    out = scratch_dir(request, tmp_path_factory, "tile")
     return simulate_tile(SPEC, out / "Tiles" / "t.fits", out / "Truth" / "t_truth.fits")
 
 

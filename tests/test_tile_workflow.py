@@ -26,14 +26,15 @@ from dre_hpc.io.cuts import read_cuts
 from dre_hpc.models.grid import ModelGrid
 from dre_hpc.sim.match import match_positions, recovered
 from dre_hpc.sim.tile import read_truth
+from scratch import scratch_dir
 
 SIZE, MARGIN = 1536, 80
 NAME = "wf"
 
 
 @pytest.fixture(scope="module")
-def workflow(tmp_path_factory, default_cube_file):
-    work = tmp_path_factory.mktemp("workflow")
+def workflow(request, tmp_path_factory, default_cube_file):
+    work = scratch_dir(request, tmp_path_factory, "workflow")
     d = {k: str(work / k) for k in ("Tiles", "Truth", "Sextracted", "PSF", "Cuts", "Summary", "Chi")}
     steps = [
         (dre_sim.main, ["-o", d["Tiles"], "--truth-dir", d["Truth"], "--name", NAME, "--size", str(SIZE),

@@ -19,6 +19,7 @@ from astropy.io import fits
 from astropy.table import Table
 
 from batch_helpers import dre_batch, write_config
+from scratch import scratch_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     shutil.which("psfex") is None, reason="SExtractor/PSFEx not installed (bin/install-system-packages)")]
@@ -28,9 +29,9 @@ FLAGGED = slice(300, 306)        # rows with flag 4
 
 
 @pytest.fixture(scope="module")
-def depth_tile(tmp_path_factory):
+def depth_tile(request, tmp_path_factory):
     from dre_hpc.sim.tile import TileSpec, render_tile
-    root = tmp_path_factory.mktemp("depth")
+    root = scratch_dir(request, tmp_path_factory, "depth")
     spec = TileSpec(size=SIZE, n_galaxies=16, n_stars=20, seed=8, snr=(20, 60), min_separation=60)
     clean, _ = render_tile(spec)
     sigma = np.where(np.arange(SIZE)[None, :] < SEAM, 2.0, 6.0) * np.ones((SIZE, 1))

@@ -47,6 +47,7 @@ from dre_hpc.fit import model_matrix
 from dre_hpc.fit.backend import get_backend
 
 from test_device_namespace import EVENTS, DeviceArray, guarded, make_guarded_namespace
+from scratch import scratch_dir
 
 HAVE_TOOLS = shutil.which("psfex") is not None and (shutil.which("source-extractor") or shutil.which("sex"))
 needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="SExtractor/PSFEx not installed "
@@ -58,13 +59,13 @@ BASE = ["prep.margin=40", "fit.batch_size=4", "chunking.chunks_per_tile=1"]
 # -- the tiny tile, prepared once --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, default_cube_file):
+def prepared(request, tmp_path_factory, default_cube_file):
     """The tiny tile of tests/test_worker.py (14 objects, 4 units of batch size 4), prepared once:
     ``(rundir, tile, prep done marker)``."""
     if not HAVE_TOOLS:
         pytest.skip("SExtractor/PSFEx not installed (bin/install-system-packages)")
     from dre_hpc.sim.tile import TileSpec, simulate_tile
-    root = tmp_path_factory.mktemp("worker_gpu")
+    root = scratch_dir(request, tmp_path_factory, "worker_gpu")
     spec = TileSpec(size=512, n_galaxies=15, n_stars=30, seed=3)
     image = simulate_tile(spec, root / "Tiles" / "tiny.fits", root / "truth.fits")[0]
     run = make_run(root, [image], BASE)
