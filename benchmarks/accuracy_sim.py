@@ -116,7 +116,7 @@ def render(pop: Population) -> tuple[np.ndarray, Table]:
         else:
             gal = galsim.Sersic(n=n, half_light_radius=10 ** logr * math.sqrt(q), gsparams=gsp)
             prof = galsim.Convolve(gal.shear(q=q, beta=angle * galsim.degrees), psf, gsparams=gsp)
-        half = stamp_size(spec, logr) // 2
+        half = stamp_size(spec, logr, 4.0 if math.isnan(n) else n) // 2
         ix, iy = int(math.floor(x + 0.5)), int(math.floor(y + 0.5))
         stamp = galsim.ImageD(galsim.BoundsI(ix - half, ix + half - 1, iy - half, iy + half - 1), scale=1.0)
         prof.drawImage(stamp, center=galsim.PositionD(x, y))

@@ -56,17 +56,19 @@ class QuadraticModels:
         return np.ascontiguousarray(self.at(_coords(self.grid)).T.astype(np.float32))   # (P, K)
 
 
-def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2):
-    """refine() of one object: window products from `models` (P, K), every cell its own model."""
+def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2, var_b=None):
+    """refine() of one object: window products from `models` (P, K), every cell its own model;
+    ``var_b``: the variance of the sky level (None: no background term)."""
     best_full = np.array([np.ravel_multi_index(tuple(best_idx), grid.shape)])
     cells, centre = window(grid, np.array([best_idx]))
     d = data[None, :].astype(np.float32)
     w = np.full_like(d, weight)
-    b, gram = window_products(np, models, d, w, cells)
+    b, gram, u = window_products(np, models, d, w, cells)
     c_total = (w.astype(float) * d * d).sum(axis=1)
     values = {k: np.atleast_1d(v) for k, v in grid.parameters(best_full).items()}
+    background = None if var_b is None else (u, w.sum(axis=1, dtype=float), np.array([var_b]))
     return refine(grid, values, best_full, centre, b, gram, c_total, np.ones(1), np.array([1.0]),
-                  np.array([0.1]), np.array([1.0]))
+                  np.array([0.1]), np.array([1.0]), background)
 
 
 def _fisher_errors(qm, x_true, amp):
@@ -102,6 +104,38 @@ def test_quadratic_models_are_recovered_exactly(grid_name):
     assert out["FLUX_FIT_ERR"][0] == pytest.approx(np.hypot(errors[-1], 3.0 * SYSTEMATIC["FLUX"]), rel=1e-3)
     if grid_name == "default":                       # a one-value axis keeps its value, no error
         assert out["INDEX_FIT"][0] == 4.0 and np.isnan(out["INDEX_FIT_ERR"][0])
+
+
+def test_background_level_enters_the_errors_as_a_nuisance():
+    """With the sky level's variance given, the errors are those of the Fisher matrix of
+    ``a m(x) + c`` with a Gaussian prior on c, marginalised over c: larger than without it for the
+    flux (a raised sky mimics flux), equal to them when the variance is 0."""
+    grid = sersic_grid()
+    qm = QuadraticModels(grid)
+    x_true = np.array([5.37, 4.3, 5.4, 10.6])
+    data = 3.0 * qm.at(x_true)
+    var_b = (0.4 * SIGMA) ** 2
+    plain = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int))
+    with_sky = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int), var_b=var_b)
+    zero = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int), var_b=0.0)
+    cols = []
+    for i in qm.axes:
+        dx = np.zeros(4)
+        dx[i] = 1e-5
+        cols.append(3.0 * (qm.at(x_true + dx) - qm.at(x_true - dx)) / 2e-5)
+    jac = np.stack(cols + [qm.at(x_true), np.ones(N_PIX)], 1)
+    fisher = jac.T @ jac / SIGMA ** 2
+    fisher[-1, -1] += 1 / var_b
+    errors = np.sqrt(np.diag(np.linalg.inv(fisher)))[:-1] * np.array([grid.axes[i].step for i in qm.axes] + [1.0])
+    for j, i in enumerate(qm.axes):
+        a = grid.axes[i]
+        floor = SYSTEMATIC[a.name] * (with_sky[f"{a.name}_FIT"][0] if a.name == "INDEX" else 1.0)
+        assert with_sky[f"{a.name}_FIT"][0] == plain[f"{a.name}_FIT"][0]
+        assert with_sky[f"{a.name}_FIT_ERR"][0] == pytest.approx(np.hypot(errors[j], floor), rel=1e-3)
+        assert zero[f"{a.name}_FIT_ERR"][0] == pytest.approx(plain[f"{a.name}_FIT_ERR"][0], rel=1e-9)
+    flux_err = np.hypot(errors[-1], 3.0 * SYSTEMATIC["FLUX"])
+    assert with_sky["FLUX_FIT_ERR"][0] == pytest.approx(flux_err, rel=1e-3)
+    assert with_sky["FLUX_FIT_ERR"][0] > 1.5 * plain["FLUX_FIT_ERR"][0]
 
 
 def test_round_galaxy_keeps_the_grid_angle():
@@ -184,7 +218,10 @@ def test_model_major_products_equal_the_pixel_major_ones():
     w = rng.uniform(0.5, 2, (5, N_PIX)).astype(np.float32)
     extent = np.array([N_PIX, 40, 50, N_PIX, 30])
     w[np.arange(N_PIX)[None, :] >= extent[:, None]] = 0
-    b1, g1 = window_products(np, models, d, w, cells, extent)
-    b2, g2 = window_products(np, models, d, w, cells, extent, np.ascontiguousarray(models.T))
+    b1, g1, u1 = window_products(np, models, d, w, cells, extent)
+    b2, g2, u2 = window_products(np, models, d, w, cells, extent, np.ascontiguousarray(models.T))
     np.testing.assert_allclose(b2, b1, rtol=1e-5, atol=1e-6 * np.abs(b1).max())
     np.testing.assert_allclose(g2, g1, rtol=1e-5, atol=1e-6 * np.abs(g1).max())
+    expected_u = np.einsum("gp,pgc->gc", w.astype(float), models[:, cells].astype(float))   # M^T w
+    np.testing.assert_allclose(u1, expected_u, rtol=1e-5)
+    np.testing.assert_allclose(u2, expected_u, rtol=1e-5)

@@ -18,7 +18,8 @@ from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_fa
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
 from .model_matrix import ModelMatrix
 from .refine import refined_flux, window_cells
-from .subgrid import FIT_COLUMNS, refine, refined_axes, second_minimum, window, window_products
+from .subgrid import (FIT_COLUMNS, background_variance, refine, refined_axes, second_minimum, window,
+                      window_products)
 from .summary import posterior_weights, summarize
 
 STATISTICS = ("wls", "dre")
@@ -278,6 +279,7 @@ class _Windows:
         d, c = len(refined_axes(grid)), 3 ** len(refined_axes(grid))
         self.centre = np.zeros((n_obj, d), dtype=np.int64)
         self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
+        self.u, self.w_sum, self.npix = np.zeros((n_obj, c)), np.zeros(n_obj), np.zeros(n_obj)
 
     def add(self, xp, mm, grp, best_unique):
         """The windows around the best models of a fitted group."""
@@ -289,15 +291,20 @@ class _Windows:
         extent = usable.shape[1] - np.argmax(usable[:, ::-1], axis=1)       # last weighted row + 1
         unique = mm.inverse[cells]
         extent = np.minimum(extent, mm.support[unique].max(axis=1))          # where the models are
-        self.b[grp.index], self.gram[grp.index] = window_products(
+        self.b[grp.index], self.gram[grp.index], self.u[grp.index] = window_products(
             xp, mm.models[:grp.n], grp.d, grp.w, unique, extent,
             None if mm.models_major is None else mm.models_major[:, :grp.n])
         w = grp.w.astype(xp.float64)
         self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
+        self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), usable.sum(axis=1)
 
     def rows(self, rows):
         """centre, b, gram, c_total and the centring's variance factor of the objects `rows`."""
         return self.centre[rows], self.b[rows], self.gram[rows], self.c_total[rows], self.shrink[rows]
+
+    def background(self, rows):
+        """``(u, sum w, variance of the background level)`` of the objects `rows` (`refine`)."""
+        return self.u[rows], self.w_sum[rows], background_variance(self.w_sum[rows], self.npix[rows])
 
 
 def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
@@ -403,7 +410,7 @@ def _refined(mm, fitted) -> dict:
     best_full = mm.representatives[to_host(best)].astype(np.int64)
     reduced = to_host(chi2_best) / _dof(mm.grid, npix)
     return refine(mm.grid, mm.grid.parameters(best_full), best_full, *windows.rows(slice(None)),
-                  to_host(amp), to_host(err), reduced)
+                  to_host(amp), to_host(err), reduced, windows.background(slice(None)))
 
 
 def _flux_error(xp, flux, err_fixed, var_ln_shape, p, amp_u, inverse):

@@ -14,8 +14,12 @@ covariance is 2 H^-1 of the exact Hessian H of the chi-square in (t, a) at the m
 Delta chi2 = 1 ellipsoid), scaled by the reduced chi-square where that exceeds 1 and divided by
 the sub-pixel centring's variance factor: the resampled pixels' noise is correlated, and the
 chi-square, which takes their (smaller) variances as independent, overstates the information by
-that factor. A systematic error (`SYSTEMATIC`, measured on the accuracy benchmark) is added in
-quadrature: at high S/N the model's own limits (PSF, neighbours) dominate.
+that factor. The sky background's level is not known exactly either: H is extended by a constant
+level c under the model (``a m(t) + c``, a Gaussian prior of `BACKGROUND_ERROR` times the pixel
+noise on c, from ``u = M^T w``) and c is marginalised out. The values are not changed by it, the
+errors grow most for the flux of large, extended galaxies (a raised sky mimics their wings). A
+systematic error (`SYSTEMATIC`, measured on the accuracy benchmark) is added in quadrature: at
+high S/N the model's own limits (PSF, neighbours) dominate.
 
 Interpolating the models, not the chi-square, matters: on the accuracy benchmark's S/N 100-1000
 galaxies (``sersic`` cube) a quadratic of the chi-square surface left a radius dispersion of 0.097
@@ -62,6 +66,19 @@ GATHER_BYTES = 512 * 1024
 #: where those alone covered the truth for 45-60 % of the galaxies (PSFEx's PSF model, faint
 #: neighbours, the interpolation). Checked on other tiles (seed 26): see the README.
 SYSTEMATIC = {"LOGR": 0.01, "AX_RATIO": 0.006, "ANGLE": 0.6, "INDEX": 0.04, "FLUX": 0.02}
+#: Uncertainty of the sky background's level under an object, as a fraction of its pixels' noise
+#: (`background_variance`): the light of neighbours and of galaxies' wings that the background
+#: map holds. On the accuracy benchmark SExtractor's map (BACK_SIZE 128; 256 and 512 give the
+#: same) lies 0.08 sigma (median) above the true sky at the S/N > 50, n > 3 galaxies, which lose
+#: 2-4 % of their flux to it in both fitters (with the true sky: +1.5 %, neighbours' light).
+BACKGROUND_ERROR = 0.09
+
+
+def background_variance(w_sum, npix):
+    """Variance of the background level of objects with ``sum w`` and ``npix`` usable pixels:
+    `BACKGROUND_ERROR` squared times their mean pixel variance (``npix / sum w``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(w_sum > 0, BACKGROUND_ERROR ** 2 * np.asarray(npix, float) / w_sum, 0.0)
 
 
 def periodic(axis) -> bool:
@@ -97,7 +114,8 @@ def _offsets(d: int) -> np.ndarray:
 
 
 def window_products(xp, models, d, w, cells_unique, extent=None, models_major=None):
-    """Host float64 ``b = M^T W d`` (g, c) and ``G = M^T W M`` (g, c, c) of each object's window.
+    """Host float64 ``b = M^T W d`` (g, c), ``G = M^T W M`` (g, c, c) and ``u = M^T w`` (g, c) of
+    each object's window (``u``: for the sky background's share of the errors, `refine`).
 
     ``models`` (P, K) on the backend; ``d, w`` (g, P) the group's data and weights;
     ``cells_unique`` (g, c) host unique-model indices of the windows; ``extent`` (g,) host: the
@@ -110,7 +128,7 @@ def window_products(xp, models, d, w, cells_unique, extent=None, models_major=No
     if models_major is not None:
         return _major_products(xp, models_major, d, w, cells_unique, extent)
     rows = max(8, GATHER_BYTES // (4 * int(models.shape[1])))
-    b, gram = np.zeros((g, c)), np.zeros((g, c, c))
+    b, gram, u = np.zeros((g, c)), np.zeros((g, c, c)), np.zeros((g, c))
     for lo in range(0, g, PRODUCT_BLOCK):
         hi = min(lo + PRODUCT_BLOCK, g)
         n = max(int(extent[lo:hi].max(initial=1)), 1)
@@ -123,13 +141,14 @@ def window_products(xp, models, d, w, cells_unique, extent=None, models_major=No
             mw = m * w[lo:hi, r0:r1, None]
             b[lo:hi] += to_host(xp.matmul(d[lo:hi, None, r0:r1], mw)[:, 0])
             gram[lo:hi] += to_host(xp.matmul(mw.transpose(0, 2, 1), m))
-    return b, gram
+            u[lo:hi] += to_host(mw.sum(axis=1, dtype=xp.float64))
+    return b, gram, u
 
 
 def _major_products(xp, models_major, d, w, cells_unique, extent):
     """`window_products` from the model-major copy: one row gather per block of objects."""
     g, c = cells_unique.shape
-    b, gram = np.empty((g, c)), np.empty((g, c, c))
+    b, gram, u = np.empty((g, c)), np.empty((g, c, c)), np.empty((g, c))
     for lo in range(0, g, PRODUCT_BLOCK):
         hi = min(lo + PRODUCT_BLOCK, g)
         n = max(int(extent[lo:hi].max(initial=1)), 1)
@@ -137,7 +156,8 @@ def _major_products(xp, models_major, d, w, cells_unique, extent):
         mw = m * w[lo:hi, None, :n]
         b[lo:hi] = to_host(xp.matmul(mw, d[lo:hi, :n, None])[:, :, 0])
         gram[lo:hi] = to_host(xp.matmul(mw, m.transpose(0, 2, 1)))
-    return b, gram
+        u[lo:hi] = to_host(mw.sum(axis=2, dtype=xp.float64))
+    return b, gram, u
 
 
 def _lagrange(t):
@@ -257,7 +277,8 @@ def _chi2(t, b, gram, c_total):
     return c_total - s * s / np.where(q > 0, q, 1.0)
 
 
-def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, amp_err, reduced_chi2):
+def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, amp_err, reduced_chi2,
+           background=None):
     """Continuous parameters, errors and flags from the window products (see the module docstring).
 
     Parameters
@@ -268,6 +289,9 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
     c_total : (N,) sum w d^2.  amp, amp_err : (N,) the best cell's amplitude and its error.
     shrink : (N,) variance factor of the sub-pixel centring (`centering.variance_factor`; 1: none).
     reduced_chi2 : (N,) chi2 / dof of the best cell: the covariance is scaled by it where > 1.
+    background : optional ``(u, w_sum, var_b)``: ``u = M^T w`` (N, c) of the window
+        (`window_products`), ``sum w`` (N,) and the variance (N,) of the sky background's level;
+        the covariance then has the background as a nuisance parameter (`_with_background`).
 
     Returns a dict of the `FIT_COLUMNS`, their ``_ERR`` and ``FLAGS`` (REFINE_* bits).
     """
@@ -303,6 +327,8 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
         rows = retry[good]
         t[rows], hess[rows], ok[rows], round_[rows] = t2[good], hess2[good], True, True
     _, _, _, a_fit, _ = _state(t, b, gram, c_total, free)
+    if angle:
+        free[round_, angle[0]] = False
     ok &= usable & (a_fit > 0)
     offset = centre + t - best
     for j, ax in enumerate(axes):
@@ -311,8 +337,11 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
             offset[:, j] = (offset[:, j] + half) % grid.axes[ax].count - half
     flags |= np.where(usable & ~ok, int(FitFlag.REFINE_FAILED), 0)
     flags |= np.where(ok & (np.abs(offset) > 1).any(axis=1), int(FitFlag.REFINE_FAR), 0)
-    scale = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0) / np.asarray(shrink, np.float64)
-    cov = 2.0 * _inverse(hess, ok) * scale[:, None, None]
+    with np.errstate(over="ignore"):               # no degrees of freedom: an infinite scale
+        scale = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0) / np.asarray(shrink, np.float64)
+    if background is not None:
+        hess = _with_background(t, a_fit, hess, free, ok, *background)
+    cov = 2.0 * _inverse(hess, ok)[:, :d + 1, :d + 1] * scale[:, None, None]
     for j, ax in enumerate(axes):
         a = grid.axes[ax]
         value = a.values[centre[:, j]] + t[:, j] * a.step
@@ -330,6 +359,28 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
     flux_err = np.hypot(np.sqrt(np.maximum(cov[:, d, d], 0.0)), SYSTEMATIC["FLUX"] * a_fit)
     out["FLUX_FIT"] = np.where(ok, a_fit, out["FLUX_FIT"])
     out["FLUX_FIT_ERR"] = np.where(ok, flux_err, out["FLUX_FIT_ERR"])
+    return out
+
+
+def _with_background(t, a, hess, free, ok, u, w_sum, var_b):
+    """The (t, a) Hessians (g, d+1, d+1) extended by a constant sky level c under the model,
+    ``a m(t) + c``, with a Gaussian prior of variance ``var_b`` on c: (g, d+2, d+2). The level's
+    couplings are ``2 a dL^T u`` (t), ``2 L^T u`` (a) and ``2 sum w + 2 / var_b`` (c), ``u = M^T w``.
+    Where that Hessian is not positive definite, or ``var_b`` is not positive, c is left out."""
+    lw, dlw, _ = _basis(t)
+    g, d = t.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prior = np.where(var_b > 0, 2.0 / var_b, np.inf)
+    out = np.zeros((g, d + 2, d + 2))
+    out[:, :d + 1, :d + 1] = hess
+    side = np.concatenate([2 * a[:, None] * np.matmul(dlw, u[:, :, None])[:, :, 0] * free,
+                           2 * np.einsum("gc,gc->g", lw, u)[:, None]], axis=1)
+    use = ok & np.isfinite(prior) & np.isfinite(side).all(axis=1)
+    out[:, :d + 1, d + 1] = out[:, d + 1, :d + 1] = np.where(use[:, None], side, 0.0)
+    out[:, d + 1, d + 1] = np.where(use, 2 * w_sum + np.where(use, prior, 0.0), 1.0)
+    use &= _minimum(out)
+    out[~use, :d + 1, d + 1] = out[~use, d + 1, :d + 1] = 0.0
+    out[~use, d + 1, d + 1] = 1.0
     return out
 
 
