@@ -53,13 +53,17 @@ def _shift_axis(xp, images, delta, axis, squared=False):
         sel = np.flatnonzero(base_h == b)
         full = sel.size == images.shape[0]
         src, w = (padded, weights) if full else (padded[sel], weights[sel])
-        acc = None
+        acc, term = None, None
         for k in range(taps.shape[0]):
             start = int(b) + int(taps[k]) - lo
             window = [slice(None)] * images.ndim
             window[axis] = slice(start, start + size)
-            term = src[tuple(window)] * w[:, k][:, None, None]
-            acc = term if acc is None else acc.__iadd__(term)
+            if acc is None:
+                acc = src[tuple(window)] * w[:, k][:, None, None]
+                term = xp.empty_like(acc)
+            else:                                # into one scratch array: no allocation per tap
+                xp.multiply(src[tuple(window)], w[:, k][:, None, None], out=term)
+                acc += term
         if full:
             out = acc
         else:

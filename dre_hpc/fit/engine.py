@@ -88,7 +88,13 @@ def clean_cutouts(cuts):
     mask = np.asarray(cuts.mask, dtype=bool)
     bad = np.zeros(data.shape, dtype=bool)
     flags = np.where(~mask.any(axis=(1, 2)), int(FitFlag.EMPTY_MASK), 0)
-    sound = np.isfinite(data).all(axis=(1, 2)) & (rms > 0).all(axis=(1, 2)) & np.isfinite(rms).all(axis=(1, 2))
+    # three reductions, no (N, B, B) temporaries: a sum is finite only if every pixel is (an
+    # overflow only sends a sound cutout to the pixel-by-pixel check), min > 0 fails on NaN too
+    flat = (len(data), data.shape[1] * data.shape[2])
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = rms.reshape(flat)
+        sound = (np.isfinite(data.reshape(flat).sum(axis=1)) & (r.min(axis=1, initial=np.inf) > 0)
+                 & np.isfinite(r.max(axis=1, initial=0.0)))
     suspect = np.flatnonzero(~sound)                 # rare: only these are looked at pixel by pixel
     if suspect.size:
         data, rms = data.copy(), rms.copy()
@@ -129,14 +135,14 @@ def product_groups(extent, n_models: int, max_group: int = MAX_GROUP) -> list:
     e = np.maximum(extent[order], 1).astype(np.float64)
     n = e.size
     sizes, effs = (np.array(v, dtype=np.float64) for v in zip(*GEMM_EFFICIENCY))
+    rows = np.arange(max_group, 0, -1)                       # group sizes of the starts j - max_group..j-1
+    per_row = 4.0 * rows * n_models / (np.interp(np.log(rows), np.log(sizes), effs) * PEAK_FLOPS)
     best, cut = np.zeros(n + 1), np.zeros(n + 1, dtype=np.int64)
     for j in range(1, n + 1):
-        start = np.arange(max(0, j - max_group), j)
-        rows = j - start
-        eff = np.interp(np.log(rows), np.log(sizes), effs)
-        cost = best[start] + 4.0 * rows * e[j - 1] * n_models / (eff * PEAK_FLOPS) + GROUP_OVERHEAD_S
+        lo = max(0, j - max_group)
+        cost = best[lo:j] + per_row[max_group - (j - lo):] * e[j - 1]
         k = int(np.argmin(cost))
-        best[j], cut[j] = cost[k], start[k]
+        best[j], cut[j] = cost[k] + GROUP_OVERHEAD_S, lo + k
     groups, j = [], n
     while j > 0:
         groups.append(order[cut[j]:j])
