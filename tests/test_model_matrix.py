@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from dre_hpc.fit.model_matrix import ModelMatrix, NodeModels, radial_order, to_pixel_major
+from dre_hpc.fit.model_matrix import ModelMatrix, NodeModels, model_support, radial_order, to_pixel_major
 from dre_hpc.models.convolve import convolve_cube, remove_pixel_response
 from dre_hpc.models.grid import Axis, ModelGrid
 
@@ -78,3 +78,22 @@ def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
         np.testing.assert_array_equal(third.for_psf(psf).models, mm.models)
     assert third.n_convolved == 1 and "ignoring convolved-model cache file" in caplog.text
     assert np.load(cache_file).shape == mm.models.shape          # written again
+
+
+@pytest.mark.parametrize("rows", [1, 7, 128, 5000])
+def test_model_support_is_the_prefix_that_holds_all_but_the_tail(rows):
+    """Against the definition (float64 cumulative sum of each column, the rows before it reaches
+    (1 - tail) of the total, plus one), for decaying columns, one whose weight is all in its last
+    row, one all zero, and block sizes that do and do not divide the rows."""
+    rng = np.random.default_rng(5)
+    p, k, tail = 3000, 40, 1e-7
+    decay = np.exp(-np.arange(p)[:, None] / rng.uniform(5, 400, k)[None, :])
+    sq = (decay * rng.uniform(0.5, 1.5, (p, k))).astype(np.float32)
+    sq[:, 0] = 0.0
+    sq[:, 1] = 0.0
+    sq[-1, 1] = 2.0
+    cum = np.cumsum(sq.astype(np.float64), axis=0)
+    expected = np.minimum((cum < (1 - tail) * cum[-1]).sum(axis=0) + 1, p)
+    np.testing.assert_array_equal(model_support(np, sq, tail, rows=rows), expected)
+    assert expected[1] == p and expected[0] == 1 and 1 < expected[2:].min() < p
+

@@ -73,14 +73,25 @@ MODEL_MAJOR_BYTES = 512 * 2 ** 20
 SUPPORT_TAIL = 1e-7
 
 
-def model_support(xp, models_sq, tail=SUPPORT_TAIL, block=256) -> np.ndarray:
+def model_support(xp, models_sq, tail=SUPPORT_TAIL, rows=128) -> np.ndarray:
     """(K,) host number of leading rows of each column of ``models_sq`` (P, K) that hold all but
-    ``tail`` of its sum (float64 cumulative sums, `block` columns at a time)."""
+    ``tail`` of its sum (float64 cumulative sums). Sums of blocks of `rows` rows first (one pass),
+    then the cumulative sum inside the one block where each column crosses the limit."""
     p, k = models_sq.shape
+    starts = list(range(0, p, rows))
+    sums = xp.stack([models_sq[lo:lo + rows].sum(axis=0, dtype=xp.float64) for lo in starts])
+    cum = xp.cumsum(sums, axis=0)                                          # (blocks, K)
+    limit = (1 - tail) * cum[-1]
+    below = to_host((cum < limit).sum(axis=0))                             # whole blocks below
+    base = to_host(xp.concatenate([xp.zeros((1, k)), cum], axis=0))[below, np.arange(k)]
+    limit = to_host(limit)
     out = np.empty(k, dtype=np.int64)
-    for lo in range(0, k, block):
-        cum = xp.cumsum(models_sq[:, lo:lo + block].astype(xp.float64), axis=0)
-        out[lo:lo + block] = to_host((cum < (1 - tail) * cum[-1]).sum(axis=0)) + 1
+    for j in np.unique(below):
+        cols = np.flatnonzero(below == j)
+        lo = starts[min(int(j), len(starts) - 1)]
+        part = xp.cumsum(models_sq[lo:lo + rows][:, xp.asarray(cols)].astype(xp.float64), axis=0)
+        inside = to_host((xp.asarray(base[cols]) + part < xp.asarray(limit[cols])).sum(axis=0))
+        out[cols] = lo + inside + 1
     return np.minimum(out, p)
 
 
@@ -264,9 +275,14 @@ class NodeModels:
             stop = min(start + CONVOLVE_BLOCK, hi)
             block = convolve_cube(self._stamps[start:stop], psf, workers=self.workers)
             cols = self.convolved[:, start:stop]
-            to_pixel_major(block, self.order, out=cols)
+            if self.convolved_major is None:
+                to_pixel_major(block, self.order, out=cols)
+            else:                            # the radial reordering is the model-major copy itself
+                major = self.convolved_major[start:stop]
+                np.take(np.asarray(block, dtype=np.float32).reshape(stop - start, -1), self.order, axis=1,
+                        out=major)
+                cols[...] = major.T
             np.multiply(cols, cols, out=self.convolved_sq[:, start:stop])
-            self._fill_major(start, stop)
         self.n_convolved += 1
         if self.shared:
             self.comm.barrier()
