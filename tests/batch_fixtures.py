@@ -35,7 +35,8 @@ def make_run(root, tiles: dict, chunks_per_tile: int | None = 2, known: bool = T
     """A set-up run in `root`: `tiles` maps tile names to object counts (manifest order).
     With `known` False the manifest has ``n_chunks`` null (objects_per_chunk, before prep)."""
     chunking = ["chunking.chunks_per_tile=%d" % chunks_per_tile] if chunks_per_tile else []
-    config = resolve(None, [f"run.name={name}", "run.seed=7", f"scheduler.name={scheduler}"] + chunking)
+    config = resolve(None, [f"run.name={name}", "run.seed=7", f"scheduler.name={scheduler}"] + chunking,
+                     site=True)
     rundir = RunDir(root)
     rundir.root.mkdir(parents=True, exist_ok=True)
     rundir.config.write_text(config.to_yaml(), encoding="utf-8")

@@ -19,7 +19,7 @@ from dre_hpc.models.psf import image_stem
 def make_run(tmp_path, images, overrides=(), name="run") -> RunDir:
     """A run directory ``tmp_path/<name>`` over `images` with the config of `overrides`
     (``section.key=value`` strings); tiles named after the images' stems, in the given order."""
-    config = resolve(None, list(overrides), source="make_run")
+    config = resolve(None, list(overrides), source="make_run", site=True)
     root = Path(tmp_path) / name
     root.mkdir(parents=True)
     rundir = RunDir(root)

@@ -26,6 +26,19 @@ def isolated_cache(tmp_path_factory):
     mp.undo()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def site_defaults(tmp_path_factory):
+    """dre-batch runs fit with the ``bulge`` cube (fit.model's built-in default is ``sersic``, whose
+    convolution takes about 10 s per tile): through the site-defaults file, as a centre would set
+    it. `tests/test_site_defaults.py` checks the built-in default and the layering."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("site") / "defaults.yaml"
+    path.write_text("fit:\n  model: bulge\n")
+    mp.setenv("DRE_BATCH_DEFAULTS", str(path))
+    yield path
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def default_cube_file(isolated_cache):
     """The default cube, generated once per test session into the isolated cache."""

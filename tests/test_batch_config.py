@@ -39,7 +39,7 @@ def test_example_schedulers_match_file_names():
 def test_defaults_from_the_table():
     cfg = resolve()
     assert cfg.as_dict().keys() == TABLE.keys()
-    assert cfg.fit["statistic"] == "wls" and cfg.fit["model"] is None
+    assert cfg.fit["statistic"] == "wls" and cfg.fit["model"] == "sersic"
     assert cfg.scheduler["name"] == "local"
     assert cfg.prep["margin"] == 80 and cfg.prep["layout"] == "stacked"
     assert cfg.chunking["objects_per_chunk"] == 1000 and cfg.chunking["chunks_per_tile"] is None

@@ -5,6 +5,11 @@
 on top. Unknown keys, wrong types and bad choices fail with a `ConfigError` that names the file,
 the dotted key and what is accepted. The result, `RunConfig`, is frozen; its `to_yaml()` is
 written into every run and its `hash()` identifies the resolved config.
+
+Site defaults: where ``$DRE_BATCH_DEFAULTS`` names a YAML file of run-config keys (a centre's
+partition and account, the model cube...), ``dre-batch setup`` applies it over the built-in
+defaults and under the run config and ``--set`` (`site_defaults`). Only setup reads it: the run
+directory's resolved config is complete, and its jobs never look at the environment.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -64,8 +70,8 @@ TABLE = {
                       nullable=True),
     },
     "fit": {
-        "model": Key(None, "str", "model cube FITS file, or a preset: bulge (n = 4) or sersic (n = 0.5..6); "
-                     "null: bulge", nullable=True),
+        "model": Key("sersic", "str", "model cube FITS file, or a preset: sersic (a Sersic-index axis "
+                     "n = 0.5..6, the default) or bulge (the original's n = 4 grid, also null)", nullable=True),
         "statistic": Key("wls", "str", "chi-square statistic", choices=("wls", "dre")),
         "backend": Key("cpu", "str", "cpu (NumPy) or gpu (CuPy)", choices=("cpu", "gpu")),
         "zero_point": Key(None, "number_or_header", "magnitude zero-point (adds MAG): a number or "
@@ -360,14 +366,16 @@ class _Loader(yaml.SafeLoader):
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", _Loader.construct_yaml_timestamp)
 
 
-def _read_yaml(path):
+def _read_yaml(path, what="run config"):
     try:
         with open(path, encoding="utf-8") as handle:
             return yaml.load(handle, Loader=_Loader)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: run config not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: {what} is a directory, expected a YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the run config: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -377,9 +385,31 @@ def _read_yaml(path):
         raise ConfigError(f"{path}: not valid YAML: {type(exc).__name__}: {exc}") from None
 
 
-def resolve(raw=None, overrides=(), source="<config>"):
-    """A `RunConfig` from an already-parsed mapping `raw` (None: all defaults) and overrides."""
+#: The environment variable that names the site-defaults file (see the module docstring).
+SITE_DEFAULTS_ENV = "DRE_BATCH_DEFAULTS"
+
+
+def site_defaults():
+    """``(mapping, label)`` of the site-defaults file named by ``$DRE_BATCH_DEFAULTS``, or
+    ``(None, None)`` where it is unset or empty. Its chunking cannot be defaulted (a run sets
+    exactly one of two keys)."""
+    path = os.environ.get(SITE_DEFAULTS_ENV, "").strip()
+    if not path:
+        return None, None
+    label = f"{path} (site defaults, ${SITE_DEFAULTS_ENV})"
+    raw = _read_yaml(path, what=f"site-defaults file named by ${SITE_DEFAULTS_ENV}")
+    if isinstance(raw, dict) and "chunking" in raw:
+        raise ConfigError(f"{label}: chunking has no site default; set it in the run config")
+    return raw, label
+
+
+def resolve(raw=None, overrides=(), source="<config>", site=False):
+    """A `RunConfig` from an already-parsed mapping `raw` (None: all defaults) and overrides; with
+    ``site``, over the site defaults (`site_defaults`) rather than the built-in ones alone."""
     out, given = _defaults(TABLE), set()
+    if site:
+        site_raw, label = site_defaults()
+        _merge(site_raw, TABLE, out, "", label, set())
     _merge(raw, TABLE, out, "", source, given)
     for text in overrides:
         _override(text, out, given)
@@ -387,9 +417,10 @@ def resolve(raw=None, overrides=(), source="<config>"):
     return RunConfig(out)
 
 
-def load_config(path, overrides=()):
-    """Read, validate and resolve the run config at `path`, then apply `overrides` (key=value)."""
-    return resolve(_read_yaml(path), overrides, source=str(path))
+def load_config(path, overrides=(), site=False):
+    """Read, validate and resolve the run config at `path`, then apply `overrides` (key=value);
+    ``site``: over the site defaults (``dre-batch setup`` only)."""
+    return resolve(_read_yaml(path), overrides, source=str(path), site=site)
 
 
 def _freeze(value):

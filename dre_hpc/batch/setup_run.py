@@ -9,7 +9,9 @@ never overwritten without ``clobber``, and ``clobber`` removes only a directory 
 from __future__ import annotations
 
 import getpass
+import hashlib
 import importlib.metadata
+import os
 import platform
 import shutil
 import socket
@@ -20,7 +22,7 @@ from dre_hpc import __version__
 from dre_hpc.errors import InputError
 from dre_hpc.preprocess.layout import tile_name
 
-from .config import RunConfig, load_config
+from .config import SITE_DEFAULTS_ENV, RunConfig, load_config
 from .render import render_script
 from .rundir import RunDir, safe_tile_name, utc_now, write_atomic, write_json
 from .tile_inputs import ENTRY_KEYS, absolute_paths
@@ -118,6 +120,14 @@ def provenance(config, argv, python) -> dict:
             "host": socket.gethostname(), "user": _user(), "cwd": str(Path.cwd())}
 
 
+def site_defaults_record():
+    """The site-defaults file that setup applied: its path and sha256 (None without one)."""
+    path = os.environ.get(SITE_DEFAULTS_ENV, "").strip()
+    if not path:
+        return None
+    return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+
 def _user():
     try:
         return getpass.getuser()
@@ -142,7 +152,7 @@ def prepare_directory(root: Path, clobber: bool) -> None:
 
 def setup_run(config_path, tiles_file, run_dir, overrides=(), clobber=False, argv=None) -> RunDir:
     """Create the run directory `run_dir`; return its `RunDir`. Nothing is submitted."""
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, overrides, site=True)
     config = RunConfig(absolute_paths(config.as_dict(), str(config_path)))   # a typo fails here
     images = read_tiles_file(tiles_file)
     chunks = config.chunking["chunks_per_tile"]
@@ -158,6 +168,7 @@ def setup_run(config_path, tiles_file, run_dir, overrides=(), clobber=False, arg
     try:
         write_atomic(rundir.config, config.to_yaml())
         record = provenance(config, list(sys.argv if argv is None else argv), python)
+        record["site_defaults"] = site_defaults_record()
         write_json(rundir.provenance, record)
         for stage, text in scripts.items():
             write_atomic(rundir.script(stage), text, mode=0o777)
