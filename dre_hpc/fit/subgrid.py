@@ -183,8 +183,9 @@ def _tensor(factors, g):
     return out
 
 
-def _basis(t):
-    """Lagrange weights (g, c), their first (g, d, c) and second (g, d, d, c) derivatives at t (g, d)."""
+def _basis(t, second_derivatives=True):
+    """Lagrange weights (g, c), their first (g, d, c) and second (g, d, d, c) derivatives at t (g, d)
+    (the second: None unless asked for)."""
     g, d = t.shape
     value = _lagrange(t)                                                      # (g, d, 3)
     first = np.stack([t - 0.5, -2 * t, t + 0.5], -1)
@@ -192,6 +193,8 @@ def _basis(t):
     lw = _tensor([value[:, j] for j in range(d)], g)
     dlw = np.stack([_tensor([first[:, j] if j == k else value[:, j] for j in range(d)], g)
                     for k in range(d)], 1)
+    if not second_derivatives:
+        return lw, dlw, None
     d2 = np.empty((g, d, d, 3 ** d))
     for k in range(d):
         for m in range(k, d):
@@ -377,7 +380,7 @@ def _with_background(t, a, hess, free, ok, u, w_sum, var_b):
     ``a m(t) + c``, with a Gaussian prior of variance ``var_b`` on c: (g, d+2, d+2). The level's
     couplings are ``2 a dL^T u`` (t), ``2 L^T u`` (a) and ``2 sum w + 2 / var_b`` (c), ``u = M^T w``.
     Where that Hessian is not positive definite, or ``var_b`` is not positive, c is left out."""
-    lw, dlw, _ = _basis(t)
+    lw, dlw, _ = _basis(t, second_derivatives=False)
     g, d = t.shape
     with np.errstate(divide="ignore", invalid="ignore"):
         prior = np.where(var_b > 0, 2.0 / var_b, np.inf)
