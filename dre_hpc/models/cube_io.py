@@ -193,8 +193,11 @@ def match_shape(data, grid, path):
 
 def _check_finite(cube, path):
     """A CubeFormatError naming the first model (grid indices) with a non-finite value."""
-    if np.isfinite(cube).all():
-        return
+    # a float32 sum is finite if every value is (an overflow only sends it to the exact check),
+    # without the cube-sized boolean array of isfinite: 0.1 s -> 0.02 s for the default cube
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(cube.reshape(-1).sum()) or np.isfinite(cube).all():
+            return
     bad = ~np.isfinite(cube)
     n, q, a, r = (int(i) for i in np.unravel_index(np.flatnonzero(bad)[0], cube.shape)[:4])
     raise CubeFormatError(
