@@ -66,3 +66,8 @@ def test_recheck_picks_the_float64_best(cases, case):
     assert np.all(chi64[rows, best] <= chi64.min(axis=1) * (1 + 1e-12))
     np.testing.assert_allclose(chi_best, chi64[rows, best], rtol=1e-9)
     assert np.all(amp >= 0) and np.all(err > 0)
+    # read from the model-major copy instead: the same models, so the same bytes
+    assert mm.models_major is not None
+    again = recheck_wls(np, grp.d, grp.w, mm.models[:grp.n], chi32, models_major=mm.models_major)
+    for x, y in zip((best, chi_best, amp, err), again):
+        np.testing.assert_array_equal(x, y)
