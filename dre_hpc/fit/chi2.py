@@ -59,7 +59,7 @@ def recheck_wls(xp, data, weights, models, chi2, candidates=RECHECK_CANDIDATES, 
 
     ``models`` is the (P, K) pixel-major matrix of `wls_chi2`; ``models_major``, optional, its
     (K, >= P) model-major copy, from which the candidates' models are read as contiguous rows
-    (stamp-filling masks: 0.45 -> 0.1 ms/object). The candidates of an object are its
+    (stamp-filling masks: 0.45 -> 0.2 ms/object). The candidates of an object are its
     at most ``candidates`` smallest float32 chi-squares within ``tolerance * C`` of its smallest:
     float32 rounding moves a chi-square by far less (see `RECHECK_TOLERANCE`), so a model beyond
     that cannot be the float64 best and is not re-summed.
