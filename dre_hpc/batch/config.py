@@ -389,12 +389,16 @@ def _read_yaml(path, what="run config"):
 SITE_DEFAULTS_ENV = "DRE_BATCH_DEFAULTS"
 
 
+def site_defaults_path():
+    """The site-defaults file named by ``$DRE_BATCH_DEFAULTS``, or None where it is unset or empty."""
+    return os.environ.get(SITE_DEFAULTS_ENV, "").strip() or None
+
+
 def site_defaults():
-    """``(mapping, label)`` of the site-defaults file named by ``$DRE_BATCH_DEFAULTS``, or
-    ``(None, None)`` where it is unset or empty. Its chunking cannot be defaulted (a run sets
-    exactly one of two keys)."""
-    path = os.environ.get(SITE_DEFAULTS_ENV, "").strip()
-    if not path:
+    """``(mapping, label)`` of the site-defaults file (`site_defaults_path`), or ``(None, None)``
+    without one. Its chunking cannot be defaulted (a run sets exactly one of two keys)."""
+    path = site_defaults_path()
+    if path is None:
         return None, None
     label = f"{path} (site defaults, ${SITE_DEFAULTS_ENV})"
     raw = _read_yaml(path, what=f"site-defaults file named by ${SITE_DEFAULTS_ENV}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import hashlib
 import importlib.metadata
-import os
 import platform
 import shutil
 import socket
@@ -22,7 +21,7 @@ from dre_hpc import __version__
 from dre_hpc.errors import InputError
 from dre_hpc.preprocess.layout import tile_name
 
-from .config import SITE_DEFAULTS_ENV, RunConfig, load_config
+from .config import RunConfig, load_config, site_defaults_path
 from .render import render_script
 from .rundir import RunDir, safe_tile_name, utc_now, write_atomic, write_json
 from .tile_inputs import ENTRY_KEYS, absolute_paths
@@ -122,8 +121,8 @@ def provenance(config, argv, python) -> dict:
 
 def site_defaults_record():
     """The site-defaults file that setup applied: its path and sha256 (None without one)."""
-    path = os.environ.get(SITE_DEFAULTS_ENV, "").strip()
-    if not path:
+    path = site_defaults_path()
+    if path is None:
         return None
     return {"path": str(Path(path).absolute()), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 

@@ -302,7 +302,7 @@ class _Windows:
             None if mm.models_major is None else mm.models_major[:, :grp.n])
         w = grp.w.astype(xp.float64)
         self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
-        self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), usable.sum(axis=1)
+        self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), grp.npix
 
     def rows(self, rows):
         """centre, b, gram, c_total and the centring's variance factor of the objects `rows`."""
