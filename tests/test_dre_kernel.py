@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dre_hpc.fit import dre_kernel
+from dre_hpc.fit import compiled, dre_kernel
 from dre_hpc.fit.dre_kernel import dre_chi_t, model_row_min
 from dre_hpc.models.convolve import convolve_cube
 from dre_hpc.sim.cutouts import SimSpec, simulate_cutouts
@@ -27,7 +27,7 @@ RTOL = 1e-5
 def pass_two(request, monkeypatch):
     """Every test twice: pass 2 by the compiled sweep (NumPy's default) and by the NumPy passes
     (what CuPy runs)."""
-    monkeypatch.setattr(dre_kernel, "FUSED", request.param)
+    monkeypatch.setattr(compiled, "FUSED", request.param)
     return request.param
 
 
@@ -289,9 +289,9 @@ def test_the_compiled_sweep_is_there_and_agrees_with_the_passes(radial, bright, 
     assert dre_kernel._compiled_terms() is not None
     models_t, _, objects = radial
     for data, rms, pixels in objects[:8] + bright:
-        monkeypatch.setattr(dre_kernel, "FUSED", True)
+        monkeypatch.setattr(compiled, "FUSED", True)
         chi_c, scale_c = dre_chi_t(np, data, rms, pixels, models_t)
-        monkeypatch.setattr(dre_kernel, "FUSED", False)
+        monkeypatch.setattr(compiled, "FUSED", False)
         chi_p, scale_p = dre_chi_t(np, data, rms, pixels, models_t)
         np.testing.assert_array_equal(scale_c, scale_p)
         np.testing.assert_allclose(chi_c, chi_p, rtol=2e-6)

@@ -53,6 +53,7 @@ from functools import lru_cache
 import numpy as np
 
 from .backend import to_host
+from .compiled import njit, use_compiled
 
 #: Target size in bytes of one (rows, K) float32 work buffer on NumPy (two of them stay in L2).
 BLOCK_BYTES = 288 * 1024
@@ -76,10 +77,6 @@ UFUNC_BUFSIZE = 1024
 #: Variance given to the rows of a dense block that are not in S (weight 0): keeps their terms
 #: finite and far from ill-conditioned.
 _FAR = 1e30
-
-#: Pass 2 on NumPy by the compiled `_terms` (Numba) rather than five NumPy passes; False: the
-#: NumPy passes, which the CuPy backend always takes (the tests compare both).
-FUSED = True
 
 _local = threading.local()
 
@@ -246,7 +243,7 @@ def dre_chi_t(xp, data, rms, pixels, models_t, block_rows=None, row_min=None):
         scale = (d.astype(f64).sum() / total).astype(f32)
 
         # -- pass 2: sum_S (d - s m)^2 / (s m + rms^2) --------------------------------------------
-        fused = _compiled_terms() if numpy and FUSED else None
+        fused = _compiled_terms() if use_compiled(xp) else None
 
         def block_terms(m, d_c, v_c, weight, u, out):
             """sum over the block's rows of weight * (d - s m)^2 / (s m + rms^2), into `out`."""
@@ -305,19 +302,10 @@ def _terms(m, scale, d, var, weight, out):
 
 @lru_cache(maxsize=None)
 def _compiled_terms():
-    """`_terms` compiled by Numba for the NumPy backend (about 0.5 s on first use, cached on disk
-    where Numba can write), or None without Numba. The five NumPy passes per term become one
-    vectorised sweep (``error_model='numpy'``: no zero-division checks, which would stop the
-    vectorisation): pass 2 about 7x faster (`benchmarks/bench_dre_kernel.py`)."""
-    try:
-        import numba
-    except ImportError:                                      # pragma: no cover - a dependency
-        return None
-    options = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
-    try:
-        return numba.njit(cache=True, **options)(_terms)
-    except RuntimeError:                                     # no writable cache directory
-        return numba.njit(**options)(_terms)
+    """`_terms` compiled by Numba for the NumPy backend (about 0.5 s on first use), or None without
+    Numba. The five NumPy passes per term become one vectorised sweep: pass 2 about 7x faster
+    (`benchmarks/bench_dre_kernel.py`)."""
+    return njit(_terms)
 
 
 def _row_min_of_pixels(xp, mins, dense, n_rows, pixels, sparse, n_sparse, n_pix):

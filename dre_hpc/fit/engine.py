@@ -16,6 +16,8 @@ from ..flags import UNFITTED, CutFlag, FitFlag
 from .backend import to_host
 from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_factor
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
+from .compiled import use_compiled
+from .gather import centred_rows, mask_extent
 from .model_matrix import ModelMatrix
 from .refine import refined_flux, window_cells
 from .subgrid import (FIT_COLUMNS, background_variance, refine, refined_axes, second_minimum, window,
@@ -117,11 +119,13 @@ def clean_cutouts(cuts):
 
 def footprint_extent(mm, mask, offsets, centre: bool) -> np.ndarray:
     """(N,) number of radial rows that reach every pixel of each object's mask once centred."""
+    if not len(mask):
+        return np.zeros(0, np.int64)
+    if use_compiled(np):
+        return mask_extent(mask, offsets, mm.rank, centre)
     if centre:
         for axis in (1, 2):
             mask = shift_nearest(np, mask, offsets[:, axis - 1], axis)
-    if not len(mask):
-        return np.zeros(0, np.int64)
     rank1 = (mm.rank + 1).astype(np.uint16 if mm.n_pixels < 2 ** 16 else np.int64)
     return (mask.reshape(len(mask), -1) * rank1).max(axis=1).astype(np.int64)
 
@@ -169,6 +173,10 @@ def prepare_group(xp, mm, clean, index, n: int, centre: bool, min_pixels: int) -
     of a whole-stamp shift) and gather those pixels into radial order."""
     data, rms, mask, bad, offsets, _ = clean
     box = mm.grid.boxsize
+    if use_compiled(xp):
+        d, r, usable, w, npix = centred_rows(data, rms, mask, bad, offsets, index, mm.order[:n], box,
+                                             centre, min_pixels)
+        return Group(index, n, d, w, r, usable, npix)
     c, h = box // 2, int(np.ceil(mm.radius[n - 1])) if n else 0
     margin = LANCZOS_MARGIN + int(np.ceil(np.abs(offsets[index]).max(initial=0.0)))
     y0, y1 = max(c - h - margin, 0), min(c + h + margin + 1, box)
