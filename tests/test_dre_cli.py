@@ -216,6 +216,9 @@ def test_chi_files(runs, workdir, sim):
         with h5py.File(workdir / sub / f"{IMG}_chi.h5", "r") as h5:
             assert sorted(h5) == [f"00_{k:04d}" for k in cuts.objects["NUMBER"]]
             assert h5.attrs["statistic"] == "wls" and int(h5.attrs["NLOGH"]) == 21
+            # uncompressed surfaces live in their datasets' headers (compact: faster to write)
+            layouts = {h5[k].id.get_create_plist().get_layout() for k in h5}
+            assert layouts == {h5py.h5d.COMPACT if sub == "ChiDRE" else h5py.h5d.CHUNKED}
             for row in t:
                 chi = h5[f"00_{row['NUMBER']:04d}"][()]
                 assert chi.shape == (1, 10, 12, 21) and chi.dtype == np.float32
