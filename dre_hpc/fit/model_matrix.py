@@ -67,7 +67,7 @@ def to_pixel_major(stamps, order, out=None, major=None) -> np.ndarray:
     if major is None:
         out[...] = np.take(flat, order, axis=1).T      # take: 2.5x faster than flat[:, order]
     else:
-        np.take(flat, order, axis=1, out=major)
+        np.take(flat, order, axis=1, out=major, mode="clip")    # (valid indices) unbuffered
         out[...] = major.T
     return out
 
@@ -236,8 +236,10 @@ class NodeModels:
         if self.comm.node_rank == 0 or not self.shared:
             if cube is None:
                 cube, _, _ = self._load()
-            # straight into place: no temporary copy of the stamps
-            np.take(cube.reshape((self.grid.size,) + shape[1:]), representatives, axis=0, out=stamps)
+            # straight into place: no temporary copy of the stamps; mode "clip" (the indices are
+            # valid): with the default "raise" NumPy copies through a buffer, 9x slower
+            np.take(cube.reshape((self.grid.size,) + shape[1:]), representatives, axis=0, out=stamps,
+                    mode="clip")
         if self.shared:
             self.comm.barrier()
         self._stamps = stamps

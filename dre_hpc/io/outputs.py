@@ -140,6 +140,7 @@ def write_chi(path, names, surfaces, grid, statistic: str, compression: str = "m
             for key, value, _ in grid.to_header_cards():
                 h5.attrs[key] = value
             like = None
+            surfaces = np.ascontiguousarray(surfaces, dtype=np.float32)     # rows without copies
             for name, surface in zip(names, surfaces):
                 data = np.ascontiguousarray(surface.reshape(grid.shape), dtype=np.float32)
                 if like is None and not opts and data.nbytes <= COMPACT_BYTES:
