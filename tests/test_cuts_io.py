@@ -133,6 +133,28 @@ def test_partial_reads_cover_the_file(tmp_path):
     assert sum((p.names for p in parts), []) == cuts.names
 
 
+def test_reads_into_reused_buffers(tmp_path):
+    """With ``buffers`` each read fills the same arrays (views of them come back), growing them when
+    a read is larger; the pixels are those of a plain read, and a file storing other types (here
+    float64 data) is converted as before."""
+    cuts = make_cuts(7)
+    path = tmp_path / "img_cuts.h5"
+    write_cuts(path, cuts)
+    buffers = {}
+    first = read_cuts(path, 0, 3, buffers=buffers)
+    assert_same_pixels(first, read_cuts(path, 0, 3))
+    second = read_cuts(path, 3, 5, buffers=buffers)
+    assert_same_pixels(second, cuts.subset(slice(3, 5)))
+    assert all(np.shares_memory(getattr(first, k), getattr(second, k)) for k in ("data", "mask", "rms"))
+    whole = read_cuts(path, 0, None, buffers=buffers)            # larger: new buffers
+    assert_same_pixels(whole, cuts)
+    assert len(buffers["data"]) == 7
+    with h5py.File(path, "a") as h5:
+        del h5["data"]
+        h5["data"] = cuts.data.astype(np.float64)
+    assert_same_pixels(read_cuts(path, 2, 6, buffers={}), cuts.subset(slice(2, 6)))
+
+
 def test_subset_keeps_names_and_rows():
     cuts = make_cuts(6)
     sub = cuts.subset(np.array([4, 1]))

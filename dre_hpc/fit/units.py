@@ -92,13 +92,16 @@ class UnitReader:
     """The object table of objects ``[lo, hi)`` of a cuts file and its units' cutouts, read one
     unit at a time, with positions from the catalogue where the cuts file has none (DRE layout).
 
-    The ``dre`` command reads a whole file through it, a dre-batch chunk its own range."""
+    The ``dre`` command reads a whole file through it, a dre-batch chunk its own range. The pixel
+    arrays of a unit's cutouts are read into buffers that the next `unit` call reuses: a unit's
+    `CutoutSet` is valid until the next one is read."""
 
     def __init__(self, cuts_path, catalog_path, lo: int = 0, hi: int | None = None, boxsize: int = 128):
         from ..io.catalog import read_catalog
         from ..io.cuts import read_cut_objects
         from ..io.catalog import offsets_from_catalog
         self.path, self.boxsize, self.lo = cuts_path, boxsize, lo
+        self._buffers = {}
         self.catalog = read_catalog(catalog_path) if catalog_path is not None else None
         self.objects, self.names = read_cut_objects(self.path, lo, hi)
         if self.catalog is not None and not np.isfinite(self.objects[["DX", "DY"]].tolist()).all():
@@ -107,7 +110,7 @@ class UnitReader:
     def unit(self, unit):
         """The `CutoutSet` of one unit, its positions those of the object table (matched once)."""
         from ..io.cuts import read_cuts
-        cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize)
+        cuts = read_cuts(self.path, unit.first, unit.stop, boxsize=self.boxsize, buffers=self._buffers)
         rows = slice(unit.first - self.lo, unit.stop - self.lo)
         for name in POSITION_FIELDS:
             cuts.objects[name] = self.objects[name][rows]

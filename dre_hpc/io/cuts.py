@@ -99,12 +99,16 @@ def count_cuts(path) -> int:
         return len(h5) if layout == "dre" else 0
 
 
-def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128) -> CutoutSet:
-    """Read objects ``[start, stop)`` of a cuts file of either layout (DRE groups in sorted order)."""
+def read_cuts(path, start: int = 0, stop: int | None = None, boxsize: int = 128, buffers=None) -> CutoutSet:
+    """Read objects ``[start, stop)`` of a cuts file of either layout (DRE groups in sorted order).
+
+    ``buffers``: a dict in which the stacked layout's pixel arrays are kept and read into again
+    by the next call (the returned arrays are views of them, valid until then): no fresh memory
+    per read, whose first touch costs more than the read itself (2-4x, on 1,024 cutouts)."""
     with _open(path) as h5, _damaged(path):
         layout = detect_layout(h5, path)
         if layout == "stacked":
-            cuts = _read_stacked(h5, path, start, stop, boxsize)
+            cuts = _read_stacked(h5, path, start, stop, boxsize, buffers)
         elif layout == "dre":
             cuts = _read_dre(h5, path, start, stop, boxsize)
         else:
@@ -205,10 +209,11 @@ def _open(path):
         raise CutsFormatError(f"{path}: cannot be read as HDF5 ({exc})") from None
 
 
-def _read_stacked(h5, path, start, stop, boxsize) -> CutoutSet:
+def _read_stacked(h5, path, start, stop, boxsize, buffers=None) -> CutoutSet:
     found = _stacked_datasets(h5, path)
     sel = slice(start, stop)
-    n = len(range(*sel.indices(found["data"].shape[0])))
+    first, last, _ = sel.indices(found["data"].shape[0])
+    n = max(last - first, 0)
     for name in ("data", "mask", "rms"):
         if found[name].shape[1:] != (boxsize, boxsize):
             raise CutsFormatError(f"{path}: {name} cutouts have shape {found[name].shape[1:]}, expected "
@@ -220,14 +225,26 @@ def _read_stacked(h5, path, start, stop, boxsize) -> CutoutSet:
     for name, ds in found.items():
         _check_stored(ds, path, name)
     table = found["objects"][sel]
-    cuts = CutoutSet(found["data"][sel].astype(np.float32, copy=False),
-                     found["mask"][sel].astype(bool, copy=False),
-                     found["rms"][sel].astype(np.float32, copy=False), empty_objects(len(table)), str(path))
+    pixels = [_read_pixels(found[name], first, n, dtype, buffers, name)
+              for name, dtype in (("data", np.float32), ("mask", bool), ("rms", np.float32))]
+    cuts = CutoutSet(*pixels, empty_objects(len(table)), str(path))
     for name in table.dtype.names:
         if name in cuts.objects.dtype.names:
             cuts.objects[name] = table[name]
     cuts.names = [object_name(e, n) for e, n in zip(cuts.objects["EXT_NUMBER"], cuts.objects["NUMBER"])]
     return cuts
+
+
+def _read_pixels(ds, first: int, n: int, dtype, buffers, name):
+    """Rows ``first..first+n`` of a stacked pixel dataset as ``dtype``: into ``buffers[name]`` (made
+    or grown here) when buffers are given and the file stores that type, else a new array."""
+    if buffers is None or n == 0 or ds.dtype != np.dtype(dtype):
+        return ds[first:first + n].astype(dtype, copy=False)
+    buf = buffers.get(name)
+    if buf is None or len(buf) < n or buf.shape[1:] != ds.shape[1:]:
+        buf = buffers[name] = np.empty((n,) + ds.shape[1:], dtype)
+    ds.read_direct(buf, np.s_[first:first + n], np.s_[0:n])
+    return buf[:n]
 
 
 def _empty_set(path, boxsize) -> CutoutSet:
