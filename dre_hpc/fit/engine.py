@@ -294,6 +294,7 @@ class _Windows:
         self.centre = np.zeros((n_obj, d), dtype=np.int64)
         self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
         self.u, self.w_sum, self.npix = np.zeros((n_obj, c)), np.zeros(n_obj), np.zeros(n_obj)
+        self.wd_sum = np.zeros(n_obj)
 
     def add(self, xp, mm, grp, best_unique):
         """The windows around the best models of a fitted group."""
@@ -309,7 +310,8 @@ class _Windows:
             xp, mm.models[:grp.n], grp.d, grp.w, unique, extent,
             None if mm.models_major is None else mm.models_major[:, :grp.n])
         w = grp.w.astype(xp.float64)
-        self.c_total[grp.index] = to_host((w * grp.d * grp.d).sum(axis=1))
+        wd = w * grp.d
+        self.c_total[grp.index], self.wd_sum[grp.index] = to_host((wd * grp.d).sum(axis=1)), to_host(wd.sum(axis=1))
         self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), grp.npix
 
     def rows(self, rows):
@@ -317,8 +319,9 @@ class _Windows:
         return self.centre[rows], self.b[rows], self.gram[rows], self.c_total[rows], self.shrink[rows]
 
     def background(self, rows):
-        """``(u, sum w, variance of the background level)`` of the objects `rows` (`refine`)."""
-        return self.u[rows], self.w_sum[rows], background_variance(self.w_sum[rows], self.npix[rows])
+        """``(u, sum w, variance of the background level, sum w d)`` of the objects `rows` (`refine`)."""
+        return (self.u[rows], self.w_sum[rows], background_variance(self.w_sum[rows], self.npix[rows]),
+                self.wd_sum[rows])
 
 
 def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):

@@ -14,10 +14,12 @@ covariance is 2 H^-1 of the exact Hessian H of the chi-square in (t, a) at the m
 Delta chi2 = 1 ellipsoid), scaled by the reduced chi-square where that exceeds 1 and divided by
 the sub-pixel centring's variance factor: the resampled pixels' noise is correlated, and the
 chi-square, which takes their (smaller) variances as independent, overstates the information by
-that factor. The sky background's level is not known exactly either: H is extended by a constant
-level c under the model (``a m(t) + c``, a Gaussian prior of `BACKGROUND_ERROR` times the pixel
-noise on c, from ``u = M^T w``) and c is marginalised out. The values are not changed by it, the
-errors grow most for the flux of large, extended galaxies (a raised sky mimics their wings). A
+that factor. The sky background's level is not known exactly either: a constant level c under the
+model (``a m(t) + c``, with a Gaussian prior of `BACKGROUND_ERROR` times the pixel noise on c) is
+fitted with the rest and profiled out, which only changes the products (`_sky_profiled`, from
+``u = M^T w`` and ``sum w d``). Fitted, it takes back the flux and radius that a background map
+set too high takes from extended galaxies; its uncertainty makes their errors grow (a raised sky
+mimics their wings), and the prior keeps that degeneracy bounded. A
 systematic error (`SYSTEMATIC`, measured on the accuracy benchmark) is added in quadrature: at
 high S/N the model's own limits (PSF, neighbours) dominate.
 
@@ -302,9 +304,9 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
     c_total : (N,) sum w d^2.  amp, amp_err : (N,) the best cell's amplitude and its error.
     shrink : (N,) variance factor of the sub-pixel centring (`centering.variance_factor`; 1: none).
     reduced_chi2 : (N,) chi2 / dof of the best cell: the covariance is scaled by it where > 1.
-    background : optional ``(u, w_sum, var_b)``: ``u = M^T w`` (N, c) of the window
-        (`window_products`), ``sum w`` (N,) and the variance (N,) of the sky background's level;
-        the covariance then has the background as a nuisance parameter (`_with_background`).
+    background : optional ``(u, w_sum, var_b, wd_sum)``: ``u = M^T w`` (N, c) of the window
+        (`window_products`), ``sum w``, the variance of the sky background's level and ``sum w d``
+        (N,): the level is then fitted too, as a nuisance parameter (`_sky_profiled`).
 
     Returns a dict of the `FIT_COLUMNS`, their ``_ERR`` and ``FLAGS`` (REFINE_* bits).
     """
@@ -324,25 +326,28 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
     start = (best - centre).astype(np.float64)
     usable = np.isfinite(b).all(axis=1) & np.isfinite(gram).all(axis=(1, 2)) & (b.any(axis=1))
     b, gram = np.where(usable[:, None], b, 1.0), np.where(usable[:, None, None], gram, np.eye(b.shape[1]))
-    free = np.ones((n, d), dtype=bool)
-    t, chi2, hess = _minimise(start, b, gram, c_total, free)
-    ok, round_ = _minimum(hess), np.zeros(n, dtype=bool)
     angle = [j for j, ax in enumerate(axes) if grid.axes[ax].name == "ANGLE"]
-    if angle:                              # an angle vaguer than a uniform one is not measured
-        spread = np.sqrt(np.abs(2 * _inverse(hess, ok)[:, angle[0], angle[0]])) * grid.angle.step
-        ok &= ~(spread > UNIFORM_ANGLE_ERR)
-    retry = np.flatnonzero(~ok & usable)
-    if angle and d > 1 and retry.size:     # no minimum: again with the angle fixed (a round galaxy)
-        fixed = free[retry].copy()
-        fixed[:, angle[0]] = False
-        t2, chi2_2, hess2 = _minimise(start[retry], b[retry], gram[retry], c_total[retry], fixed)
-        good = _minimum(hess2)
-        rows = retry[good]
-        t[rows], hess[rows], ok[rows], round_[rows] = t2[good], hess2[good], True, True
-    _, _, _, a_fit, _ = _state(t, b, gram, c_total, free)
-    if angle:
-        free[round_, angle[0]] = False
+    angle = angle[0] if angle else None
+    t, hess, ok, round_, a_fit = _fit_window(start, b, gram, c_total, usable, angle, grid.angle.step)
+    free = np.ones((n, d), dtype=bool)
+    if angle is not None:
+        free[round_, angle] = False
+    with np.errstate(over="ignore"):               # no degrees of freedom: an infinite scale
+        scale = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0) / np.asarray(shrink, np.float64)
+    if background is None:
+        cov = 2.0 * _inverse(hess, ok)
+    else:
+        # the sky level fitted too, from the minimum without it (a better start on a flatter
+        # surface); where that finds no minimum, these values, the level only in their errors
+        cov = 2.0 * _inverse(_with_background(t, a_fit, hess, free, ok, *background[:3]), ok)[:, :d + 1, :d + 1]
+        sky = _sky_profiled(b, gram, c_total, *background)
+        t_s, hess_s, ok_s, round_s, a_s = _fit_window(np.where(ok[:, None], t, start), *sky, usable, angle,
+                                                      grid.angle.step)
+        take = ok_s & usable & (a_s > 0)
+        t[take], a_fit[take], ok[take], round_[take] = t_s[take], a_s[take], True, round_s[take]
+        cov[take] = 2.0 * _inverse(hess_s[take], np.ones(int(take.sum()), bool))
     ok &= usable & (a_fit > 0)
+    cov = cov * scale[:, None, None]
     offset = centre + t - best
     for j, ax in enumerate(axes):
         if periodic(grid.axes[ax]):
@@ -350,11 +355,6 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
             offset[:, j] = (offset[:, j] + half) % grid.axes[ax].count - half
     flags |= np.where(usable & ~ok, int(FitFlag.REFINE_FAILED), 0)
     flags |= np.where(ok & (np.abs(offset) > 1).any(axis=1), int(FitFlag.REFINE_FAR), 0)
-    with np.errstate(over="ignore"):               # no degrees of freedom: an infinite scale
-        scale = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0) / np.asarray(shrink, np.float64)
-    if background is not None:
-        hess = _with_background(t, a_fit, hess, free, ok, *background)
-    cov = 2.0 * _inverse(hess, ok)[:, :d + 1, :d + 1] * scale[:, None, None]
     for j, ax in enumerate(axes):
         a = grid.axes[ax]
         value = a.values[centre[:, j]] + t[:, j] * a.step
@@ -395,6 +395,42 @@ def _with_background(t, a, hess, free, ok, u, w_sum, var_b):
     out[~use, :d + 1, d + 1] = out[~use, d + 1, :d + 1] = 0.0
     out[~use, d + 1, d + 1] = 1.0
     return out
+
+
+def _fit_window(start, b, gram, c_total, usable, angle, angle_step):
+    """Newton steps from ``start`` on the window products: ``(t, hess, ok, round_, a)``. ``ok``:
+    a minimum with an angle better measured than a uniform one; where there is none, again with
+    the angle (axis ``angle``; None: no angle) fixed at the start's (``round_``, a round galaxy)."""
+    n, d = start.shape
+    free = np.ones((n, d), dtype=bool)
+    t, _, hess = _minimise(start, b, gram, c_total, free)
+    ok, round_ = _minimum(hess), np.zeros(n, dtype=bool)
+    if angle is not None:                  # an angle vaguer than a uniform one is not measured
+        spread = np.sqrt(np.abs(2 * _inverse(hess, ok)[:, angle, angle])) * angle_step
+        ok &= ~(spread > UNIFORM_ANGLE_ERR)
+    retry = np.flatnonzero(~ok & usable)
+    if angle is not None and d > 1 and retry.size:     # no minimum: again with the angle fixed
+        fixed = free[retry].copy()
+        fixed[:, angle] = False
+        t2, _, hess2 = _minimise(start[retry], b[retry], gram[retry], c_total[retry], fixed)
+        good = _minimum(hess2)
+        rows = retry[good]
+        t[rows], hess[rows], ok[rows], round_[rows] = t2[good], hess2[good], True, True
+    _, _, _, a, _ = _state(t, b, gram, c_total, free)
+    return t, hess, ok, round_, a
+
+
+def _sky_profiled(b, gram, c_total, u, w_sum, var_b, wd_sum):
+    """The window products of the chi-square with a constant sky level c under the model, fitted
+    and profiled out: ``chi2(t, a, c) + c^2 / var_b`` at its best c is the chi-square of
+    ``b - (e / k) u``, ``G - u u^T / k`` and ``C - e^2 / k`` (``k = sum w + 1 / var_b``,
+    ``e = sum w d``, ``u = M^T w``), so that the Newton steps fit c too and the Hessian in (t, a)
+    is the one with c marginalised (its Schur complement). No change where ``var_b`` is 0."""
+    with np.errstate(divide="ignore"):
+        inv_k = np.where(var_b > 0, 1.0 / (w_sum + 1.0 / np.where(var_b > 0, var_b, 1.0)), 0.0)
+    e = np.where(var_b > 0, wd_sum, 0.0)
+    return (b - (inv_k * e)[:, None] * u, gram - inv_k[:, None, None] * u[:, :, None] * u[:, None, :],
+            c_total - inv_k * e * e)
 
 
 def _minimum(hess) -> np.ndarray:
