@@ -33,7 +33,8 @@ def _taps_y(src, w, dst):
 
 
 def _taps_x(src, w, dst):
-    """``dst[y, x] = sum_k w[k] src[y, x + k]``, the taps in order."""
+    """``dst[y, x] = sum_k w[k] src[y, x + k]``, the taps in order (`_taps_y` along x: a loop of
+    its own, so that both read contiguous rows)."""
     rows, cols = dst.shape
     for y in range(rows):
         for x in range(cols):
@@ -204,7 +205,7 @@ def centred_rows(data, rms, mask, bad, offsets, index, pixels, boxsize, centre: 
     g, n = len(index), len(py)
     d, r, w = (np.empty((g, n), np.float32) for _ in range(3))
     usable, npix = np.empty((g, n), bool), np.empty(g, np.int64)
-    _kernels()[0](data, rms, mask, bad, index, wy, wy2, wx, wx2, by, bx, ry, rx,
+    _kernels()[0](data, rms, mask, np.ascontiguousarray(bad), index, wy, wy2, wx, wx2, by, bx, ry, rx,
                   rank.reshape(boxsize, boxsize), n, lo, box, centre, min_pixels, d, r, usable, w, npix)
     return d, r, usable, w, npix
 
@@ -215,6 +216,6 @@ def mask_extent(mask, offsets, rank, centre: bool):
     size = mask.shape[1]
     shift = np.rint(offsets).astype(np.int64) if centre else np.zeros((len(mask), 2), np.int64)
     out = np.empty(len(mask), np.int64)
-    _kernels()[1](mask.view(np.uint8), shift[:, 0].copy(), shift[:, 1].copy(),
+    _kernels()[1](np.ascontiguousarray(mask).view(np.uint8), shift[:, 0].copy(), shift[:, 1].copy(),
                   (rank + 1).reshape(size, size).astype(np.int64), out)
     return out
