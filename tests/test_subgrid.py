@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dre_hpc.fit import subgrid
 from dre_hpc.fit.engine import FitOptions, fit_cutouts
 from dre_hpc.fit.subgrid import (SYSTEMATIC, UNIFORM_ANGLE_ERR, refine, refined_axes, second_minimum, window,
                                  window_products)
@@ -138,6 +139,24 @@ def test_background_level_enters_the_errors_as_a_nuisance():
     flux_err = np.hypot(errors[-1], 3.0 * SYSTEMATIC["FLUX"])
     assert with_sky["FLUX_FIT_ERR"][0] == pytest.approx(flux_err, rel=1e-3)
     assert with_sky["FLUX_FIT_ERR"][0] > 1.5 * plain["FLUX_FIT_ERR"][0]
+
+
+def test_without_a_minimum_with_the_sky_level_the_fit_goes_on_without_it(monkeypatch):
+    """Where the products with the level profiled out give no minimum (here made so: a negated
+    Gram matrix), the values are those of the fit without the level and the errors those with the
+    level marginalised (the Fisher matrix of ``a m(x) + c`` with its prior), flags clear."""
+    grid = sersic_grid()
+    qm = QuadraticModels(grid)
+    x_true = np.array([5.37, 4.3, 5.4, 10.6])
+    data, start, var_b = 3.0 * qm.at(x_true), np.rint(x_true).astype(int), (0.4 * SIGMA) ** 2
+    plain = _refine(grid, qm.matrix(), data, start)
+    marginal = _refine(grid, qm.matrix(), data, start, var_b=var_b)
+    monkeypatch.setattr(subgrid, "_sky_profiled", lambda b, gram, c_total, *_: (b, -gram, c_total))
+    fallback = _refine(grid, qm.matrix(), data, start, var_b=var_b)
+    assert fallback["FLAGS"][0] == 0
+    for name in ("INDEX", "AX_RATIO", "ANGLE", "LOGR", "FLUX"):
+        assert fallback[f"{name}_FIT"][0] == plain[f"{name}_FIT"][0]
+        assert fallback[f"{name}_FIT_ERR"][0] == pytest.approx(marginal[f"{name}_FIT_ERR"][0], rel=1e-3)
 
 
 def test_sky_level_is_fitted_with_its_prior():
