@@ -94,7 +94,7 @@ def peak_rss_mb() -> float:
 class Profiler:
     """Time spent inside some engine functions, by wrapping them in the engine's namespace."""
 
-    NAMES = ("clean_cutouts", "footprint_extent", "centre_cutouts", "wls_chi2", "recheck_wls",
+    NAMES = ("clean_cutouts", "footprint_extent", "centre_cutouts", "centred_rows", "wls_chi2", "recheck_wls",
              "dre_chi_one", "window_products", "refine", "summarize", "posterior_weights")
 
     def __init__(self):
