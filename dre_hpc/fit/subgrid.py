@@ -20,7 +20,7 @@ fitted with the rest and profiled out, which only changes the products (`_sky_pr
 ``u = M^T w`` and ``sum w d``). Fitted, it takes back the flux and radius that a background map
 set too high takes from extended galaxies; its uncertainty makes their errors grow (a raised sky
 mimics their wings), and the prior keeps that degeneracy bounded. Where the surface so flattened
-has no minimum (about 8 % of the accuracy benchmark's galaxies), they are fitted without the
+has no minimum (9-13 % of the accuracy benchmark's galaxies), they are fitted without the
 level, which then enters only their errors (`_with_background`). A
 systematic error (`SYSTEMATIC`, measured on the accuracy benchmark) is added in quadrature: at
 high S/N the model's own limits (PSF, neighbours) dominate.
