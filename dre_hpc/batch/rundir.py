@@ -40,6 +40,8 @@ from dre_hpc.errors import DreError
 CONFIG = "config.yaml"
 PROVENANCE = "provenance.json"
 MANIFEST = "manifest.json"
+#: Numba's cache of the fit's compiled kernels, shared by the run's fit jobs (`compiled.cache_in`).
+NUMBA_CACHE = ".cache/numba"
 STAGES = ("prep", "fit", "collate")
 OUTCOMES = ("done", "failed")                 # final outcomes; "started" is written first
 MARKER_KINDS = OUTCOMES + ("started",)

@@ -24,16 +24,18 @@ import signal
 import sys
 import traceback
 import warnings
+from pathlib import Path
 
 from ..cli.common import run_main
 from ..errors import DreError
+from ..fit.compiled import cache_in
 from . import environment, retry
 from .config import load_config
 from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
 from .comm import SerialComm, open_comm
 from .fit_job import convolve_for_fits, remove_chunk_outputs, run_fit
 from .prep_job import run_prep
-from .rundir import RunDir, Tile, mask_world_writable, utc_now
+from .rundir import NUMBA_CACHE, RunDir, Tile, mask_world_writable, utc_now
 from .submit import submit_tile_fits
 
 FAILED_EXIT = 1
@@ -269,6 +271,8 @@ def drive(argv=None) -> int:
     warnings.filterwarnings("ignore", category=RuntimeWarning)      # numerical noise, as in `dre`
     if args.command == "finish":
         return finish(args.stage, args.run_dir, args.exit_code, args.tile, args.chunk)
+    if args.command == "fit":
+        cache_in(Path(args.run_dir) / NUMBA_CACHE)
     return run_stage(args.command, args.run_dir, args.tile, getattr(args, "chunk", None),
                      getattr(args, "ranks", None))
 

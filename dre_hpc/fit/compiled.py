@@ -6,6 +6,10 @@ compare them); the CuPy backend always takes the array code.
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 #: Compiled kernels on the NumPy backend; False: the array code that CuPy runs.
 FUSED = True
 
@@ -38,3 +42,20 @@ def compile_in(namespace: dict, *names):
     for name in names:
         namespace[name] = njit(namespace[name])
     return tuple(namespace[name] for name in names)
+
+
+def cache_in(directory) -> bool:
+    """Keep Numba's compiled kernels in ``directory`` where Numba could not keep them beside this
+    package (a read-only install, as in a container image) and ``NUMBA_CACHE_DIR`` is not set;
+    returns whether it did. dre-batch fit jobs keep them in their run directory, which every job
+    of the run can write whatever the container binds (``$HOME`` may not be): only a run's first
+    fit jobs compile (a few seconds), the others load the kernels."""
+    here = Path(__file__).resolve().parent
+    pycache = here / "__pycache__"
+    if os.environ.get("NUMBA_CACHE_DIR") or os.access(pycache if pycache.exists() else here, os.W_OK):
+        return False
+    os.environ["NUMBA_CACHE_DIR"] = str(directory)
+    if "numba" in sys.modules:                   # already imported: it read its settings then
+        from numba.core import config
+        config.reload_config()
+    return True
