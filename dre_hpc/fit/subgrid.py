@@ -430,8 +430,9 @@ def _sky_profiled(b, gram, c_total, u, w_sum, var_b, wd_sum):
     with np.errstate(divide="ignore"):
         inv_k = np.where(var_b > 0, 1.0 / (w_sum + 1.0 / np.where(var_b > 0, var_b, 1.0)), 0.0)
     e = np.where(var_b > 0, wd_sum, 0.0)
-    return (b - (inv_k * e)[:, None] * u, gram - inv_k[:, None, None] * u[:, :, None] * u[:, None, :],
-            c_total - inv_k * e * e)
+    u_k = u * inv_k[:, None]
+    gram = gram - u_k[:, :, None] * u[:, None, :]              # one (g, c, c) temporary
+    return b - e[:, None] * u_k, gram, c_total - inv_k * e * e
 
 
 def _minimum(hess) -> np.ndarray:
