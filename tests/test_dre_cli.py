@@ -9,9 +9,11 @@ cut pixels, i.e. DX, DY in (-1, 0].
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -23,6 +25,8 @@ from astropy.table import Table
 from dre_hpc.cli.dre import main
 from dre_hpc.fit.centering import centre_cutouts
 from dre_hpc.io.cuts import write_cuts
+from dre_hpc.io.outputs import write_chi
+from dre_hpc.models.grid import ModelGrid
 from dre_hpc.preprocess.masks import clean_mask
 from dre_hpc.sim.cutouts import SimSpec, draw_galaxy, simulate_cutouts
 from dre_hpc.sim.match import angle_distance
@@ -225,6 +229,23 @@ def test_chi_files(runs, workdir, sim):
                 # the surface holds the statistic: CHI at MODEL_IDX, and nothing lower
                 assert chi[tuple(row["MODEL_IDX"])] == pytest.approx(row["CHI"], rel=1e-5)
                 assert np.nanmin(chi) >= row["CHI"] * (1 - 1e-4)
+
+
+@pytest.mark.parametrize("compression", ["none", "medium"])
+def test_chi_files_are_the_same_bytes_every_time(tmp_path, compression):
+    """Written twice, a second apart, the chi file is the same file (no timestamps in it): runs
+    and checkpoints are compared by their outputs' checksums."""
+    grid = ModelGrid.default()
+    surfaces = np.random.default_rng(1).random((5, grid.size)).astype(np.float32)
+    names = [f"00_{k:04d}" for k in range(1, 6)]
+    digests = []
+    for i in range(2):
+        if i:
+            time.sleep(1.1)
+        path = tmp_path / f"{i}" / "x_chi.h5"
+        write_chi(path, names, surfaces, grid, "wls", compression)
+        digests.append(hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 def test_mosaics(runs, workdir, sim):

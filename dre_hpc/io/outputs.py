@@ -146,6 +146,7 @@ def write_chi(path, names, surfaces, grid, statistic: str, compression: str = "m
                 if like is None and not opts and data.nbytes <= COMPACT_BYTES:
                     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                     dcpl.set_layout(h5py.h5d.COMPACT)
+                    dcpl.set_obj_track_times(False)       # no timestamps: the same bytes every run
                     like = (h5py.h5t.py_create(data.dtype), h5py.h5s.create_simple(data.shape), dcpl)
                 elif like is None:
                     first = h5.create_dataset(name, data=data, **opts).id
