@@ -65,7 +65,9 @@ from dre_hpc.batch.rundir import RunDir  # noqa: E402
 
 ISSUE_CHECKPOINT_LIMIT = 0.05           # checkpoint overhead at the default interval
 DEFAULT_INTERVAL = 300.0                # fit.checkpoint_seconds default
-COMMON = ["chunking.chunks_per_tile=1", "resources.fit.cpus_per_task=1"]
+#: The default cube (n = 4, `bulge`), which the README's figures are for; dre-batch's own default
+#: is the `sersic` cube.
+COMMON = ["chunking.chunks_per_tile=1", "resources.fit.cpus_per_task=1", "fit.model=bulge"]
 
 #: label -> (ranks, config overrides). Order: the order of the printed tables.
 CONFIGS = {
@@ -309,7 +311,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--objects", type=int, default=3000, help="objects in the tile, about [3000]")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each configuration [3]")
-    parser.add_argument("--batch-size", type=int, help="fit.batch_size [the config default, 256]")
+    parser.add_argument("--batch-size", type=int, help="fit.batch_size [automatic: 1024 for the default cube]")
     parser.add_argument("--seed", type=int, default=11, help="simulation seed [11]")
     parser.add_argument("--cache", default=None,
                         help="folder of the prepared tile [$TMPDIR/dre_bench_worker]")
@@ -326,7 +328,9 @@ def main(argv=None) -> int:
     prep = base.read_marker("prep", base.tiles()[0].name)[1]
     extra = [f"fit.batch_size={args.batch_size}"] if args.batch_size else []
     from dre_hpc.batch.config import load_config
-    batch = load_config(base.config, extra)["fit"]["batch_size"]
+    from dre_hpc.fit.engine import auto_batch_size
+    from dre_hpc.models.grid import ModelGrid
+    batch = load_config(base.config, extra)["fit"]["batch_size"] or auto_batch_size(ModelGrid.default())
     log(f"  {prep['n_objects']} objects in one chunk, fit.batch_size {batch}: "
         f"{math.ceil(prep['n_objects'] / batch)} batches per extension")
     workdir = Path(args.keep or tempfile.mkdtemp(prefix="bench_worker_"))
