@@ -63,7 +63,13 @@ def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
     def refuse():
         raise AssertionError("the cube was read although the cache holds the models")
     second = NodeModels(None, refuse, describe=lambda: (grid, "cube-key"), cache_dir=tmp_path)
-    np.testing.assert_array_equal(second.for_psf(psf).models, mm.models)
+    loaded = second.for_psf(psf)
+    np.testing.assert_array_equal(loaded.models, mm.models)
+    np.testing.assert_array_equal(loaded.models_sq, mm.models_sq)
+    np.testing.assert_array_equal(loaded.models_major, mm.models.T)      # filled tile by tile
+    second.convolved_major[...] = 0
+    second._fill_major(0, second.convolved.shape[1], tile=7)             # many tiles, ragged edges
+    np.testing.assert_array_equal(second.convolved_major, mm.models.T)
     assert second.n_convolved == 0
 
     other = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "other-cube"),
