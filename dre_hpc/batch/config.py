@@ -139,7 +139,9 @@ TABLE = {
     },
     "resources": {
         "prep": _resources("01:00:00", 4),
-        "fit": _resources("04:00:00", 8),
+        # the default `sersic` cube: a fit job peaks at about 7.7 GB (its models, their squares and
+        # the model-major copy, 1.8 GB each, and a batch's surfaces), so 8 GB left no margin
+        "fit": _resources("04:00:00", 12),
         "collate": _resources("01:00:00", 8),
     },
     "container": {
