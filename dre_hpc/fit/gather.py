@@ -74,7 +74,6 @@ def _centred_rows(data, rms, mask, bad, index, wy, wy2, wx, wx2, by, bx, ry, rx,
     g, size = index.shape[0], data.shape[1]
     span = box + TAPS - 1
     patch = np.empty((span, span), np.float32)
-    patch_b = np.empty((span, span), np.uint8)
     half = np.empty((box, span), np.float32)                   # along y
     out_d = np.empty((box, box), np.float32)
     out_v = np.empty((box, box), np.float32)
@@ -109,11 +108,8 @@ def _centred_rows(data, rms, mask, bad, index, wy, wy2, wx, wx2, by, bx, ry, rx,
                     patch[t, c] = patch[t, c] * patch[t, c]
             _taps_y(patch, wy2[i], half)
             _taps_x(half, wx2[i], out_v)
-            any_bad = _patch(badf, o, y0, x0, patch_b)
+            any_bad = _patch(badf, o, y0, x0, patch)         # 0 and 1, the array code's bad map
             if any_bad:
-                for t in range(span):
-                    for c in range(span):
-                        patch[t, c] = patch_b[t, c]
                 _taps_y(patch, wy[i], half)
                 _taps_x(half, wx[i], out_b)
             for yy in range(box):                               # rms and 1/rms^2, vectorised
