@@ -44,9 +44,10 @@ def test_pixel_major_matrix_holds_every_model_and_its_squares():
         ModelMatrix(np, grid, np.zeros((stamps.shape[0], 256), np.float32))
 
 
-def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
-    """The first holder convolves and writes the cache; a second one (as a later job) loads it and
-    never reads the cube; a damaged cache file is ignored, with a warning, and written again."""
+def test_node_models_cache_is_mapped_instead_of_the_cube(tmp_path, caplog):
+    """The first holder convolves and writes the cache entry; a second one (as a later job) maps
+    it, read-only, and never reads the cube; a damaged entry is ignored, with a warning, and
+    written again."""
     grid = small_grid()
     cube = random_cube(grid, 1)
     psf = np.outer(*(2 * [np.exp(-0.5 * (np.arange(9) - 4.0) ** 2)]))
@@ -54,8 +55,9 @@ def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
     first = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "cube-key"),
                        cache_dir=tmp_path)
     mm = first.for_psf(psf)
-    assert first.n_convolved == 1 and len(list(tmp_path.glob("*.npy"))) == 1
-    cache_file = next(tmp_path.glob("*.npy"))
+    assert first.n_convolved == 1 and len(list(tmp_path.glob("models-*"))) == 1
+    entry = next(tmp_path.glob("models-*"))
+    assert sorted(p.name for p in entry.iterdir()) == ["major.npy", "models.npy", "squares.npy", "support.npy"]
     reps = grid.unique_models()[0]
     expected = convolve_cube(cube.reshape((grid.size, 16, 16))[reps], remove_pixel_response(psf))
     np.testing.assert_array_equal(mm.stamp(int(reps[3])), expected[3])
@@ -64,26 +66,43 @@ def test_node_models_cache_is_read_instead_of_the_cube(tmp_path, caplog):
         raise AssertionError("the cube was read although the cache holds the models")
     second = NodeModels(None, refuse, describe=lambda: (grid, "cube-key"), cache_dir=tmp_path)
     loaded = second.for_psf(psf)
-    np.testing.assert_array_equal(loaded.models, mm.models)
-    np.testing.assert_array_equal(loaded.models_sq, mm.models_sq)
-    np.testing.assert_array_equal(loaded.models_major, mm.models.T)      # filled tile by tile
-    second.convolved_major[...] = 0
-    second._fill_major(0, second.convolved.shape[1], tile=7)             # many tiles, ragged edges
-    np.testing.assert_array_equal(second.convolved_major, mm.models.T)
-    assert second.n_convolved == 0
+    for name in ("models", "models_sq", "models_major"):
+        array = getattr(loaded, name)
+        np.testing.assert_array_equal(array, getattr(mm, name))
+        assert type(array) is np.ndarray and not array.flags.writeable and not array.flags.owndata
+    np.testing.assert_array_equal(loaded.models_major, mm.models.T)
+    np.testing.assert_array_equal(loaded.support, mm.support)
+    assert second.n_convolved == 0 and second.convolved is None          # nothing allocated
 
     other = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "other-cube"),
                        cache_dir=tmp_path)
-    other.for_psf(psf)                          # another cube identity: its own file
-    assert other.n_convolved == 1 and len(list(tmp_path.glob("*.npy"))) == 2
+    other.for_psf(psf)                          # another cube identity: its own entry
+    assert other.n_convolved == 1 and len(list(tmp_path.glob("models-*"))) == 2
 
-    cache_file.write_bytes(b"garbage")
+    (entry / "squares.npy").write_bytes(b"garbage")
     third = NodeModels(None, lambda: (cube, grid, "cube-key"), describe=lambda: (grid, "cube-key"),
                        cache_dir=tmp_path)
     with caplog.at_level(logging.WARNING):
-        np.testing.assert_array_equal(third.for_psf(psf).models, mm.models)
-    assert third.n_convolved == 1 and "ignoring convolved-model cache file" in caplog.text
-    assert np.load(cache_file).shape == mm.models.shape          # written again
+        np.testing.assert_array_equal(third.for_psf(psf).models_sq, mm.models_sq)
+    assert third.n_convolved == 1 and "ignoring convolved-model cache entry" in caplog.text
+    np.testing.assert_array_equal(np.load(entry / "squares.npy"), mm.models_sq)      # written again
+    assert not list(tmp_path.glob(".*"))                                  # no temporary left
+
+
+def test_a_cache_entry_without_the_model_major_copy_is_used_without_it(tmp_path):
+    """A writer that kept no model-major copy (a node with less memory) leaves none in the entry;
+    the reader then works without it."""
+    grid = small_grid()
+    cube = random_cube(grid, 2)
+    psf = np.ones((3, 3), np.float32) / 9
+    first = NodeModels(None, lambda: (cube, grid, "k"), describe=lambda: (grid, "k"), cache_dir=tmp_path)
+    first.keep_major = False
+    mm = first.for_psf(psf)
+    assert mm.models_major is None and not list(tmp_path.glob("models-*/major.npy"))
+    second = NodeModels(None, None, describe=lambda: (grid, "k"), cache_dir=tmp_path)
+    loaded = second.for_psf(psf)
+    assert loaded.models_major is None and second.n_convolved == 0
+    np.testing.assert_array_equal(loaded.models, mm.models)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 128, 5000])

@@ -91,7 +91,7 @@ def test_dre_and_dre_batch_give_the_same_numbers(batch_run, tile, tmp_path):
 def test_fit_jobs_load_the_models_convolved_by_the_prep(batch_run):
     """Each tile's prep convolved the cube once per PSF extension into the tile's model cache; no
     fit job read the cube or convolved it again (their done markers count the convolutions)."""
-    cached = {tile: sorted(p.name for p in batch_run.model_cache(tile).glob("*.npy"))
+    cached = {tile: sorted(p.name for p in batch_run.model_cache(tile).glob("models-*"))
               for tile in ("mef", "tile_b")}
     assert len(cached["mef"]) == 2 and len(cached["tile_b"]) == 1
     for tile, extensions in (("mef", 2), ("tile_b", 1)):

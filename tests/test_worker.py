@@ -75,7 +75,7 @@ def test_prep_writes_products_and_a_done_marker_with_checksums(run):
     assert kind == "done" and set(done) == PREP_DONE_KEYS
     assert done["psf"]["source"] == "psfex" and done["seeing"]["fwhm_pixels"] > 0
     # the prep convolved the fits' models (one PSF extension) into the tile's model cache
-    assert done["models"]["convolved"] == 1 and len(list(run.model_cache("tiny").glob("*.npy"))) == 1
+    assert done["models"]["convolved"] == 1 and len(list(run.model_cache("tiny").glob("models-*"))) == 1
     cuts = run.tile_dir("tiny") / "Cuts" / "tiny_cuts.h5"
     assert done["tile"] == "tiny" and done["n_objects"] == count_cuts(cuts) == 14
     assert done["n_chunks"] == n_chunks_for(14, objects_per_chunk=5) == 3
@@ -191,7 +191,7 @@ def test_prep_leaves_the_convolution_to_the_fits_without_the_memory(tmp_path, ti
     assert not run.model_cache("tiny").exists()
     assert run_stage("fit", run.root, tile=0, chunk=0) == 0
     assert sum(r["convolutions"] for r in run.read_marker("fit", "tiny", 0)[1]["per_rank"]) == 1
-    assert len(list(run.model_cache("tiny").glob("*.npy"))) == 1
+    assert len(list(run.model_cache("tiny").glob("models-*"))) == 1
 
 
 def test_a_fit_that_raises_midway_leaves_no_chunk_files(run, monkeypatch):
