@@ -25,6 +25,27 @@ def test_bounds_formula():
     assert chunk_bounds(2, 4) == [(0, 0), (0, 1), (1, 1), (1, 2)]   # more chunks than objects: empty ones
 
 
+@pytest.mark.parametrize("n_objects,n_chunks,unit", [(0, 3, 4), (14, 3, 4), (14, 20, 4), (1000, 1, 1024),
+                                                     (10000, 10, 1024), (12345, 7, 64), (263, 3, 64)])
+def test_chunks_hold_whole_units(n_objects, n_chunks, unit):
+    """Every chunk starts on a unit boundary and ends on one (or at the tile's end); the chunks
+    tile the objects in order and differ by at most one unit."""
+    bounds = chunk_bounds(n_objects, n_chunks, unit)
+    assert [i for start, stop in bounds for i in range(start, stop)] == list(range(n_objects))
+    assert all(start % unit == 0 and (stop % unit == 0 or stop == n_objects) for start, stop in bounds)
+    units = [-(-stop // unit) - start // unit for start, stop in bounds]
+    assert max(units) - min(units) <= 1
+    assert bounds == [chunk_range(n_objects, k, n_chunks, unit) for k in range(n_chunks)]
+
+
+def test_whole_units_formula():
+    assert chunk_bounds(263, 3, 64) == [(0, 64), (64, 192), (192, 263)]     # 5 units: 1, 2, 2
+    assert chunk_bounds(14, 3, 4) == [(0, 4), (4, 8), (8, 14)]
+    assert n_chunks_for(14, objects_per_chunk=1, unit=4) == 4     # a chunk holds a unit at least
+    assert n_chunks_for(10000, objects_per_chunk=1000, unit=1024) == 10
+    assert n_chunks_for(100000, objects_per_chunk=1000, unit=1024) == 98
+
+
 def test_n_chunks_for():
     assert n_chunks_for(1000, objects_per_chunk=100) == 10
     assert n_chunks_for(1001, objects_per_chunk=100) == 11

@@ -4,8 +4,9 @@ A run directory is written by hand (`batch_helpers.make_run`: config.yaml and ma
 over one tiny simulated tile (512x512, 15 galaxies, 30 stars: 14 objects cut with a 40-pixel
 margin), made once per session. The worker runs as a subprocess where the job scripts' view
 matters (cwd = run directory, indices from the environment) and as function calls elsewhere.
-``fit.batch_size=4`` makes the tile's 14 objects span four fitting units, so that chunks cut
-through units and the chunking-independence test has something to prove.
+``fit.batch_size=4`` makes the tile's 14 objects span four fitting units, so that chunkings group
+them differently (and, for a prep marker of before chunks held whole units, cut through them)
+and the chunking-independence test has something to prove.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("
                                 reason="SExtractor/PSFEx not installed (bin/install-system-packages)")
 
 BASE = ["prep.margin=40", "fit.batch_size=4"]
-PREP_DONE_KEYS = {"tile", "n_objects", "n_chunks", "seconds", "job_id", "host", "time", "outputs", "models",
+PREP_DONE_KEYS = {"tile", "n_objects", "unit_size", "n_chunks", "seconds", "job_id", "host", "time", "outputs", "models",
                   "bytes", "attempt", "psf", "seeing", "photometry", "maps", "image", "warnings"}
 FIT_DONE_KEYS = {"tile", "chunk", "n_chunks", "start", "stop", "rows", "outputs", "seconds", "job_id",
                  "host", "time", "config_hash", "prep_digest", "attempt", "ranks", "schedule", "resumed_objects",
@@ -95,8 +96,9 @@ def test_fit_subprocess_from_the_job_environment(run):
     assert proc.returncode == 0, proc.stderr
     kind, done = run.read_marker("fit", "tiny", 1)
     assert kind == "done" and set(done) == FIT_DONE_KEYS
-    start, stop = chunk_range(14, 1, 3)
-    assert [done[k] for k in ("chunk", "n_chunks", "start", "stop", "rows")] == [1, 3, start, stop, 5]
+    start, stop = chunk_range(14, 1, 3, unit=4)
+    assert (start, stop) == (4, 8)                  # whole fitting units of fit.batch_size objects
+    assert [done[k] for k in ("chunk", "n_chunks", "start", "stop", "rows")] == [1, 3, start, stop, 4]
     assert done["job_id"] == "77_1" and done["config_hash"] == run.read_manifest()["config_hash"]
     paths = run.chunk_outputs("tiny", 1)
     for kind_, path in paths.items():
@@ -113,11 +115,18 @@ def test_fit_subprocess_from_the_job_environment(run):
     assert _chunk_files(run) == ["00001_chi.h5", "00001_dre.fits"]
 
 
-def _fit_all(tmp_path, image, overrides, name):
-    """Prep and every fit chunk of a run; the concatenated tables and chi surfaces."""
+def _fit_all(tmp_path, image, overrides, name, legacy=False):
+    """Prep and every fit chunk of a run; the concatenated tables and chi surfaces. `legacy`: the
+    prep marker loses its ``unit_size`` (as written before chunks held whole units), so that the
+    chunks cut through fitting units and fit them whole."""
     run = make_run(tmp_path, [image], BASE + overrides, name=name)
     assert run_stage("prep", run.root, tile=0) == 0
-    n = run.read_marker("prep", "tiny")[1]["n_chunks"]
+    prep = run.read_marker("prep", "tiny")[1]
+    assert prep["unit_size"] == 4
+    if legacy:
+        del prep["unit_size"]
+        run.write_marker("prep", "tiny", None, "done", prep)
+    n = prep["n_chunks"]
     tables, surfaces = [], []
     for k in range(n):
         assert run_stage("fit", run.root, tile=0, chunk=k) == 0
@@ -129,13 +138,16 @@ def _fit_all(tmp_path, image, overrides, name):
 
 
 def test_results_do_not_depend_on_chunking(tmp_path, tiny_tile, default_cube_file):
-    runs = {label: _fit_all(tmp_path, tiny_tile, [override], label) for label, override in
+    runs = {label: _fit_all(tmp_path, tiny_tile, [override], label, legacy=label == "cut") for label, override in
             (("one", "chunking.chunks_per_tile=1"), ("three", "chunking.chunks_per_tile=3"),
-             ("single", "chunking.objects_per_chunk=1"), ("twenty", "chunking.chunks_per_tile=20"))}
-    assert [runs[k][1] for k in runs] == [1, 3, 14, 20]
+             ("single", "chunking.objects_per_chunk=1"), ("twenty", "chunking.chunks_per_tile=20"),
+             ("cut", "chunking.chunks_per_tile=3"))}
+    # objects_per_chunk=1: one chunk per unit of 4 (14 objects: 4 units), not 14
+    assert [runs[k][1] for k in runs] == [1, 3, 4, 20, 3]
+    assert [runs["cut"][0].read_marker("fit", "tiny", k)[1]["start"] for k in range(3)] == [0, 4, 9]
     _, _, reference, ref_surfaces = runs["one"]
     assert len(reference) == 14 and list(reference["ROW"]) == list(range(14))
-    for label in ("three", "single", "twenty"):
+    for label in ("three", "single", "twenty", "cut"):
         _, _, table, surfaces = runs[label]
         assert table.colnames == reference.colnames
         for name in reference.colnames:
@@ -145,7 +157,7 @@ def test_results_do_not_depend_on_chunking(tmp_path, tiny_tile, default_cube_fil
         assert all(np.array_equal(s, r, equal_nan=True) for (_, s), (_, r) in zip(surfaces, ref_surfaces))
     # 20 chunks of 14 objects: empty chunks are done with a 0-row table and a 0-object chi file
     twenty = runs["twenty"][0]
-    empty = [k for k in range(20) if chunk_range(14, k, 20)[0] == chunk_range(14, k, 20)[1]]
+    empty = [k for k in range(20) if chunk_range(14, k, 20, 4)[0] == chunk_range(14, k, 20, 4)[1]]
     assert empty and all(twenty.read_marker("fit", "tiny", k)[1]["rows"] == 0 for k in empty)
     paths = twenty.chunk_outputs("tiny", empty[0])
     assert len(Table.read(paths["dre"])) == 0 and Table.read(paths["dre"]).colnames == reference.colnames

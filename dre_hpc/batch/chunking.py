@@ -1,8 +1,11 @@
 """Deterministic chunk bounds and per-object seeds for dre-batch.
 
-Chunk k of n of a tile with N objects covers ``[N*k//n, N*(k+1)//n)``: the chunks tile
-``[0, N)`` exactly, differ in size by at most one, and any job can compute its own range from
-(N, k, n) alone. The number of chunks is *not* capped at N: with ``chunks_per_tile`` the job
+Chunks are made of whole fitting *units* of U objects (the fit's batch size: the tile's objects
+``[b*U, (b+1)*U)``, fitted together wherever they are fitted): with ``N_u = ceil(N / U)`` units,
+chunk k of n covers units ``[N_u*k//n, N_u*(k+1)//n)``, so no chunk fits objects that it does not
+keep (a chunk that cut a unit would fit the whole unit). The chunks tile ``[0, N)`` exactly,
+differ in size by at most one unit, and any job can compute its own range from (N, k, n, U)
+alone; with U = 1 chunk k covers ``[N*k//n, N*(k+1)//n)``. The number of chunks is *not* capped at N: with ``chunks_per_tile`` the job
 array is sized at setup time, before prep has counted the objects, so a tile with fewer objects
 than chunks simply has empty chunks (which still finish and write zero rows). A tile always has
 at least one chunk, so that every tile leaves a completion marker, even with N = 0.
@@ -36,30 +39,34 @@ def _count(value, name, minimum=0):
     return int(value)
 
 
-def chunk_range(n_objects, k, n_chunks):
-    """Objects ``[start, stop)`` of chunk `k` (0-based) of `n_chunks` of a tile with `n_objects`."""
+def chunk_range(n_objects, k, n_chunks, unit=1):
+    """Objects ``[start, stop)`` of chunk `k` (0-based) of `n_chunks` of a tile with `n_objects`,
+    in whole units of `unit` objects (the last unit may be shorter)."""
     n_objects = _count(n_objects, "n_objects")
     n_chunks = _count(n_chunks, "n_chunks", 1)
+    unit = _count(unit, "unit", 1)
     k = _count(k, "chunk index k")
     if k >= n_chunks:
         raise ChunkingError(f"chunk index k must be < n_chunks = {n_chunks}, got {k}")
-    return n_objects * k // n_chunks, n_objects * (k + 1) // n_chunks
+    n_units = -(-n_objects // unit)
+    return (min(n_objects, n_units * k // n_chunks * unit),
+            min(n_objects, n_units * (k + 1) // n_chunks * unit))
 
 
-def chunk_bounds(n_objects, n_chunks):
+def chunk_bounds(n_objects, n_chunks, unit=1):
     """All ``(start, stop)`` pairs of `n_chunks` chunks of `n_objects` objects, in order.
 
-    Chunks may be empty when ``n_chunks > n_objects``; their union is exactly ``[0, n_objects)``.
+    Chunks may be empty when there are more chunks than units; their union is exactly
+    ``[0, n_objects)``.
     """
-    n_objects = _count(n_objects, "n_objects")
-    n_chunks = _count(n_chunks, "n_chunks", 1)
-    return [(n_objects * k // n_chunks, n_objects * (k + 1) // n_chunks) for k in range(n_chunks)]
+    return [chunk_range(n_objects, k, n_chunks, unit) for k in range(_count(n_chunks, "n_chunks", 1))]
 
 
-def n_chunks_for(n_objects, objects_per_chunk=None, chunks_per_tile=None):
+def n_chunks_for(n_objects, objects_per_chunk=None, chunks_per_tile=None, unit=1):
     """Number of chunks of a tile: exactly one of `objects_per_chunk`, `chunks_per_tile` is given.
 
-    With `objects_per_chunk`: ``ceil(n_objects / objects_per_chunk)``, at least 1.
+    With `objects_per_chunk`: ``ceil(n_objects / objects_per_chunk)``, at least 1, and no more
+    than the tile's units of `unit` objects (a chunk holds whole units: none is left empty).
     With `chunks_per_tile`: that number, whatever `n_objects` (chunks may be empty).
     """
     n_objects = _count(n_objects, "n_objects")
@@ -70,7 +77,8 @@ def n_chunks_for(n_objects, objects_per_chunk=None, chunks_per_tile=None):
     if chunks_per_tile is not None:
         return _count(chunks_per_tile, "chunks_per_tile", 1)
     per_chunk = _count(objects_per_chunk, "objects_per_chunk", 1)
-    return max(1, -(-n_objects // per_chunk))
+    unit = _count(unit, "unit", 1)
+    return max(1, min(-(-n_objects // per_chunk), -(-n_objects // unit)))
 
 
 def tile_key(tile_name):

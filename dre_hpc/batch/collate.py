@@ -119,7 +119,8 @@ def _check_chunk(rundir: RunDir, tile, k: int, prep) -> tuple:
         if marker["prep_digest"] != prep_digest(prep):
             return None, [f"{where}: fitted on other prep products than the tile's current ones "
                           f"(its prep was redone after this fit)"]
-        if n_objects is not None and (start, stop) != chunk_range(n_objects, k, tile.n_chunks):
+        unit = int(prep.get("unit_size", 1))
+        if n_objects is not None and (start, stop) != chunk_range(n_objects, k, tile.n_chunks, unit):
             return None, [f"{where}: done marker range [{start}, {stop}) is not chunk {k} of "
                           f"{tile.n_chunks} of {n_objects} objects"]
     except (KeyError, TypeError, ValueError, ChunkingError) as exc:

@@ -121,7 +121,8 @@ TABLE = {
         "compression": Key("none", "str", "cuts compression", choices=("none", "low", "medium", "high")),
     },
     "chunking": {
-        "objects_per_chunk": Key(1000, "int", "objects per fit job (default when neither is set)",
+        "objects_per_chunk": Key(1000, "int", "objects per fit job (default when neither is set), "
+                                 "in whole fitting units of fit.batch_size objects",
                                  nullable=True, minimum=1),
         "chunks_per_tile": Key(None, "int", "fit jobs per tile (instead of objects_per_chunk)",
                                nullable=True, minimum=1),

@@ -200,7 +200,7 @@ def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, s
 def _run_fit(rundir, config, tile, k, prep, comm, stop):
     begin = time.perf_counter()
     n_chunks, n_objects = int(prep["n_chunks"]), int(prep["n_objects"])
-    bounds = chunk_range(n_objects, k, n_chunks)
+    bounds = chunk_range(n_objects, k, n_chunks, int(prep.get("unit_size", 1)))
     if comm.rank == 0:
         remove_chunk_outputs(rundir, tile.name, k)           # an earlier attempt's, if any
     check_products(rundir, tile, prep)      # every rank: the same answer, so none waits for another

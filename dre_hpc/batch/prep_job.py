@@ -85,20 +85,32 @@ def cuts_options(config) -> CutsOptions:
                        compression=prep["compression"], weight_type=prep["weight_type"])
 
 
-def chunk_count(config, manifest_chunks, n_objects: int) -> int:
+def chunk_count(config, manifest_chunks, n_objects: int, unit: int = 1) -> int:
     """The tile's chunk count: the manifest's when setup knew it (``chunks_per_tile``), else
-    from ``chunking.objects_per_chunk`` and the objects counted."""
+    from ``chunking.objects_per_chunk`` and the objects counted (no more than the tile's fitting
+    units of `unit` objects)."""
     if manifest_chunks is not None:
         return int(manifest_chunks)
     chunking = config["chunking"]
     if chunking["objects_per_chunk"] is not None:
-        return n_chunks_for(n_objects, objects_per_chunk=chunking["objects_per_chunk"])
+        return n_chunks_for(n_objects, objects_per_chunk=chunking["objects_per_chunk"], unit=unit)
     return n_chunks_for(n_objects, chunks_per_tile=chunking["chunks_per_tile"])
+
+
+def fitting_unit(config) -> int:
+    """Objects per fitting unit, of which chunks hold whole ones: ``fit.batch_size``, or the
+    automatic batch size of ``fit.model``'s grid (read from the cube's header)."""
+    size = config["fit"]["batch_size"]
+    if size is None:
+        from ..cli.dre import describe_cube
+        from ..fit.engine import auto_batch_size
+        size = auto_batch_size(describe_cube(config["fit"]["model"])[0])
+    return int(size)
 
 
 def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
     """SExtractor (twice with ``prep.seeing: auto``: the first pass measures the seeing), the
-    cuts and the PSF of `tile`; returns ``{"tile", "n_objects", "n_chunks", "seconds",
+    cuts and the PSF of `tile`; returns ``{"tile", "n_objects", "unit_size", "n_chunks", "seconds",
     "outputs", "bytes", "psf", "seeing", "photometry", "maps", "image", "warnings"}`` (outputs:
     path relative to the run directory -> sha256, bytes: -> size).
 
@@ -137,8 +149,9 @@ def run_prep(rundir: RunDir, config, tile: Tile, manifest_chunks=None) -> dict:
     notes = health_warnings(health) + ([] if n_objects else [_no_object(report)])
     for note in notes:
         print(f"prep {tile.name}: {note}", file=sys.stderr)
-    return {"tile": tile.name, "n_objects": n_objects,
-            "n_chunks": chunk_count(config, manifest_chunks, n_objects),
+    unit = fitting_unit(config)
+    return {"tile": tile.name, "n_objects": n_objects, "unit_size": unit,
+            "n_chunks": chunk_count(config, manifest_chunks, n_objects, unit),
             "seconds": round(time.perf_counter() - start, 3), "outputs": outputs, "bytes": sizes,
             "psf": psf, "seeing": seeing, "photometry": photometry,
             "maps": {k: str(v) if v else None for k, v in maps.items()}, "image": health,
