@@ -1,4 +1,5 @@
-"""Where the fit's compiled kernels are cached (dre_hpc.fit.compiled.cache_in).
+"""Where the fit's compiled kernels are cached (dre_hpc.fit.compiled.cache_in), and when they are
+loaded at all (dre_hpc.fit.compiled.expect_objects).
 
 A read-only install (a container image) cannot keep Numba's cache beside the package; dre-batch
 fit jobs then keep it in their run directory. A real Numba process is run with the package's
@@ -45,3 +46,38 @@ def test_a_writable_install_or_a_set_cache_directory_is_left_alone(tmp_path, mon
     monkeypatch.setattr(compiled.os, "access", lambda *a: False)
     assert compiled.cache_in(tmp_path / "run") is False
     assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+SMALL_FIT = """
+import sys
+import numpy as np
+from types import SimpleNamespace
+from dre_hpc.fit import compiled, engine
+from dre_hpc.fit.model_matrix import radial_layout
+order, rank, radius = radial_layout(32)
+mm = SimpleNamespace(grid=SimpleNamespace(boxsize=32), order=order, rank=rank, radius=radius, n_pixels=1024)
+rng = np.random.default_rng(1)
+y, x = np.mgrid[:32, :32] - 16
+cuts = SimpleNamespace(data=rng.normal(0, 1, (6, 32, 32)).astype(np.float32),
+                       rms=np.ones((6, 32, 32), np.float32), mask=np.broadcast_to(x * x + y * y < 80, (6, 32, 32)).copy(),
+                       offsets=rng.uniform(-0.5, 0.5, (6, 2)), objects={"CUT_FLAGS": np.zeros(6, np.int64)})
+clean = engine.clean_cutouts(cuts)
+out = []
+for n_objects in (int(sys.argv[1]), compiled.COMPILED_MIN_OBJECTS):
+    compiled.expect_objects(n_objects)
+    extent = engine.footprint_extent(mm, clean[2], clean[4], True)
+    group = engine.prepare_group(np, mm, clean, np.arange(6), int(extent.max()), True, 16)
+    out.append((extent, group.d, group.w))
+    print("numba" in sys.modules)
+assert all(np.array_equal(a, b) for a, b in zip(*out))
+"""
+
+
+def test_a_small_fit_does_not_load_the_optional_kernels():
+    """A process that fits fewer than COMPILED_MIN_OBJECTS objects centres and gathers with the
+    array code and never imports Numba (0.6 s); from that many on it compiles them. The same bits
+    either way (checked here; `tests/test_gather.py` checks every case)."""
+    out = subprocess.run([sys.executable, "-c", SMALL_FIT, str(compiled.COMPILED_MIN_OBJECTS - 1)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "True"]

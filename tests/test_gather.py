@@ -53,6 +53,7 @@ def _batch(rng, n_obj=24, box=B):
 
 def _both(monkeypatch, fn):
     out = []
+    monkeypatch.setattr(compiled, "_worth_loading", True)       # as in a large fit
     for fused in (True, False):
         monkeypatch.setattr(compiled, "FUSED", fused)
         out.append(fn())

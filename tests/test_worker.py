@@ -29,6 +29,7 @@ from dre_hpc.batch.chunking import chunk_range, n_chunks_for
 from dre_hpc.batch.prep_job import prep_digest, tile_products
 from dre_hpc.batch.rundir import file_sha256
 from dre_hpc.batch.worker import finish, main, run_stage
+from dre_hpc.fit import compiled
 from dre_hpc.io.cuts import count_cuts
 
 pytestmark = pytest.mark.skipif(shutil.which("psfex") is None or (shutil.which("source-extractor") or
@@ -130,6 +131,7 @@ def _fit_all(tmp_path, image, overrides, name, legacy=False):
     tables, surfaces = [], []
     for k in range(n):
         assert run_stage("fit", run.root, tile=0, chunk=k) == 0
+        assert compiled._worth_loading is False      # a few objects: the array code, no Numba load
         paths = run.chunk_outputs("tiny", k)
         tables.append(Table.read(paths["dre"]))
         with h5py.File(paths["chi"]) as h5:

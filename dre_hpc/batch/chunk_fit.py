@@ -28,6 +28,7 @@ import threading
 import time
 
 from ..errors import DreError
+from ..fit.compiled import expect_objects
 from ..fit.engine import fit_batch
 from ..fit.model_matrix import ModelMatrix, NodeModels  # noqa: F401  (NodeModels: the worker's holder)
 from ..fit.units import Unit, phases, plan_units, psf_index  # noqa: F401  (re-exported)
@@ -127,6 +128,7 @@ def fit_pending(comm, models: NodeModels, units, read_unit, psf_file, options, c
     ``({uid: results}, stats, stopped)``; `stopped` (the same on every rank) when a stop signal
     ended the fit early, after every rank checkpointed its unsaved units."""
     stop = stop or NoStop()
+    expect_objects(sum(u.size for u in units) // max(comm.size, 1))
     groups = phases(units)
     counter = comm.counter(max(len(groups), 1))
     mine, pending, stats = {}, {}, {"units": 0, "objects": 0, "fit_seconds": 0.0, "checkpoints": 0}

@@ -12,6 +12,12 @@ from pathlib import Path
 
 #: Compiled kernels on the NumPy backend; False: the array code that CuPy runs.
 FUSED = True
+#: Objects a process must fit for the *optional* compiled kernels (those whose array code gives
+#: the same bits: centring and gathering) to pay for their one-time load, importing Numba and
+#: loading its cached kernels (0.6 s here; a chunk of the demo's 126 objects, default cube: 0.75-1.09
+#: s with them, 0.37-0.55 s without), against the 0.05-0.09 ms per object that they save.
+COMPILED_MIN_OBJECTS = 8000
+_worth_loading = True
 
 _OPTIONS = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
 
@@ -29,10 +35,19 @@ def njit(fn):
         return numba.njit(**_OPTIONS)(fn)
 
 
-def use_compiled(xp) -> bool:
-    """Whether the compiled kernels serve backend ``xp`` (NumPy, with `FUSED`)."""
+def use_compiled(xp, optional=False) -> bool:
+    """Whether the compiled kernels serve backend ``xp`` (NumPy, with `FUSED`). ``optional``: a
+    kernel whose array code gives the same bits, compiled only where the process fits enough
+    objects (`expect_objects`)."""
     import numpy as np
-    return FUSED and xp is np
+    return FUSED and xp is np and (_worth_loading or not optional)
+
+
+def expect_objects(n_objects: int) -> None:
+    """Tell how many objects this process is about to fit: with fewer than
+    `COMPILED_MIN_OBJECTS` the optional kernels take the array code (the same results)."""
+    global _worth_loading
+    _worth_loading = n_objects >= COMPILED_MIN_OBJECTS
 
 
 def compile_in(namespace: dict, *names):

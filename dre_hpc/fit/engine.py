@@ -121,7 +121,7 @@ def footprint_extent(mm, mask, offsets, centre: bool) -> np.ndarray:
     """(N,) number of radial rows that reach every pixel of each object's mask once centred."""
     if not len(mask):
         return np.zeros(0, np.int64)
-    if use_compiled(np):
+    if use_compiled(np, optional=True):
         return mask_extent(mask, offsets, mm.rank, centre)
     if centre:
         for axis in (1, 2):
@@ -173,7 +173,7 @@ def prepare_group(xp, mm, clean, index, n: int, centre: bool, min_pixels: int) -
     of a whole-stamp shift) and gather those pixels into radial order."""
     data, rms, mask, bad, offsets, _ = clean
     box = mm.grid.boxsize
-    if use_compiled(xp):
+    if use_compiled(xp, optional=True):
         d, r, usable, w, npix = centred_rows(data, rms, mask, bad, offsets, index, mm.order[:n], box,
                                              centre, min_pixels)
         return Group(index, n, d, w, r, usable, npix)
