@@ -22,7 +22,7 @@ from dre_hpc.flags import CutFlag
 from dre_hpc.io.cuts import read_cuts
 from dre_hpc.preprocess.cut_tiles import cut_tile
 from dre_hpc.preprocess.cuts import CutsOptions, cut_start
-from dre_hpc.preprocess.masks import FIT_GROW_ITERATIONS, clean_mask
+from dre_hpc.preprocess.masks import FIT_GROW_ITERATIONS, NEIGHBOUR_GROW_ITERATIONS, clean_mask
 
 NY, NX = 300, 340
 #            NUMBER  X_IMAGE  Y_IMAGE  CLASS_STAR  FLUX_AUTO   what it tests
@@ -100,9 +100,12 @@ def test_cut_matches_cutout2d_and_records_the_offset(workdir):
     assert -1 < obj["DX"] <= 0 and -1 < obj["DY"] <= 0
     window = seg[obj["Y0"]:obj["Y0"] + 128, obj["X0"]:obj["X0"] + 128]
     own = window == number
-    # the default mask: grown by 12 pixels, never onto another object's segment
+    # the default mask: grown by 12 pixels, never within 4 pixels of another object's segment
+    # (cross element: city-block distance), the object's own segment kept whole
     grown = ndimage.binary_dilation(clean_mask(own, 1), iterations=FIT_GROW_ITERATIONS - 1)
-    np.testing.assert_array_equal(cuts.mask[row], grown & ~((window > 0) & ~own))
+    others = (window > 0) & ~own
+    near = ndimage.distance_transform_cdt(~others, metric="taxicab") <= NEIGHBOUR_GROW_ITERATIONS
+    np.testing.assert_array_equal(cuts.mask[row], grown & ~(near & ~own))
     assert not (cuts.mask[row] & (window > 0) & ~own).any()
     assert np.all(cuts.rms[row] == 2.0) and obj["CUT_FLAGS"] == 0
     original = read_cuts(_cut(workdir, margin=40, mask="original")["cuts_file"])
@@ -209,3 +212,23 @@ def test_readme_documents_every_cut_flag():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for value, name, description in CutFlag.describe():
         assert f"| {value} | `{name}` | {description} |" in readme, name
+
+
+def test_the_fit_mask_keeps_away_from_the_neighbours():
+    """`object_mask` on a synthetic segmentation: the object's segment grown by 12 pixels, less
+    the pixels within 4 (city-block) of a neighbour's segment 10 pixels away, except the object's
+    own segment pixels, which stay even where they touch the neighbour."""
+    from dre_hpc.preprocess.masks import object_mask
+    seg = np.zeros((128, 128), np.int32)
+    y, x = np.mgrid[:128, :128]
+    seg[(y - 64) ** 2 + (x - 64) ** 2 <= 36] = 1                  # the object, radius 6
+    seg[(y - 64) ** 2 + (x - 80) ** 2 <= 9] = 2                   # a neighbour, 10 px from its edge
+    seg[64, 70:77] = 1                                            # an arm of the object reaching it
+    mask = object_mask(seg, 1)
+    own, other = seg == 1, seg == 2
+    assert mask[own].all()                                        # every own pixel, the arm's too
+    assert not mask[other].any()
+    near = ndimage.distance_transform_cdt(~other, metric="taxicab") <= 4
+    assert not (mask & near & ~own).any() and (near & ~own & ~other).sum() > 20
+    assert mask[64, 52] and mask[52, 64]                          # 12 px out on the free side
+    assert clean_mask(own, FIT_GROW_ITERATIONS)[60, 80] and not mask[60, 80]   # 1 px from the neighbour
