@@ -96,3 +96,19 @@ def test_minimal_fft_length_is_enough(monkeypatch, p, q):
     np.testing.assert_allclose(convolve_cube(stamp, psf), direct(stamp, psf), rtol=1e-5, atol=1e-6)
 
 
+
+
+@pytest.mark.parametrize("stamp_shape", [(B, B), (40, 56)])
+def test_pixels_gathered_in_a_given_order_are_the_stamps(stamp_shape):
+    """``order``: each stamp's pixels taken straight from the transform in that order, the same
+    values as the cropped stamps' (rectangular stamps: rows and columns not mixed up)."""
+    rng = np.random.default_rng(3)
+    stamps = rng.random((7,) + stamp_shape).astype(np.float32)
+    psf = gaussian(15, 2.0)
+    order = rng.permutation(stamp_shape[0] * stamp_shape[1])[:500]
+    cropped = convolve_cube(stamps, psf, block=3)
+    gathered = convolve_cube(stamps, psf, block=3, order=order)
+    assert gathered.shape == (7, 500) and gathered.dtype == np.float32
+    np.testing.assert_array_equal(gathered, cropped.reshape(7, -1)[:, order])
+    with pytest.raises(ValueError, match="out must be float32 of shape"):
+        convolve_cube(stamps, psf, order=order, out=np.empty((7,) + stamp_shape, np.float32))

@@ -103,6 +103,16 @@ def test_a_cache_entry_without_the_model_major_copy_is_used_without_it(tmp_path)
     loaded = second.for_psf(psf)
     assert loaded.models_major is None and second.n_convolved == 0
     np.testing.assert_array_equal(loaded.models, mm.models)
+    # the same numbers as the holder that keeps the copy (filled through it), and as the stamps
+    # convolved one by one and laid out in radial order
+    with_major = NodeModels(None, lambda: (cube, grid, "k"), describe=lambda: (grid, "k")).for_psf(psf)
+    for name in ("models", "models_sq"):
+        np.testing.assert_array_equal(getattr(with_major, name), getattr(mm, name))
+    np.testing.assert_array_equal(with_major.models_major, mm.models.T)
+    stamps = cube.reshape((grid.size, 16, 16))[grid.unique_models()[0]]
+    np.testing.assert_array_equal(mm.models, to_pixel_major(convolve_cube(stamps, remove_pixel_response(psf)),
+                                                            radial_order(16)))
+    np.testing.assert_array_equal(mm.models_sq, mm.models * mm.models)
 
 
 @pytest.mark.parametrize("rows", [1, 7, 128, 5000])

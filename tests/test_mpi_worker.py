@@ -163,8 +163,8 @@ def test_one_and_two_ranks_give_identical_outputs(run, reference):
 
 
 def test_shared_cube_is_once_per_node(prepared, tmp_path):
-    """Private memory of rank 1 drops by about two cube copies (unique stamps and their
-    convolution, 150 MB each for the default cube) when the cube is in node-shared memory. The
+    """Private memory of rank 1 drops by the convolved models (the matrix, its squares and the
+    model-major copy, 150 MB each for the default cube) when they are in node-shared memory. The
     tile's model cache is removed, so that the job convolves (with it, every rank maps the
     cached files and shares the page cache instead)."""
     private = {}

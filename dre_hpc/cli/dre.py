@@ -64,12 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_cube(model_path):
-    """(cube, grid, cache key) of ``-m`` or of the default cube."""
-    from ..models.cube_io import read_cube
+    """(cube, grid, cache key) of ``-m`` or of the default cube: the cube a `CubeFile` (its
+    headers read and checked now, its stamps when they are convolved)."""
+    from ..models.cube_io import CubeFile
     from ..models.generate import resolve_model
     path = resolve_model(model_path)
-    cube, grid = read_cube(path)
-    return cube, grid, cube_key(path)
+    cube = CubeFile(path)
+    return cube, cube.grid, cube_key(path)
 
 
 def describe_cube(model_path):

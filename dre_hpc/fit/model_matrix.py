@@ -7,9 +7,10 @@ object read a contiguous prefix of rows ``models[:n]``: no per-batch gather of K
 per-batch squares, and the original statistic reads the same rows (no transposed copy).
 
 `NodeModels` is the holder used by the ``dre`` command and by the dre-batch worker alike: the
-cube's unique stamps and their convolution with the current PSF, written straight into the layout
-above. With an MPI communicator the arrays live once per node in shared memory (node rank 0 reads
-the cube; every node rank convolves a slice); with a ``cache_dir`` the convolved models of each
+convolution of the cube's unique stamps with the current PSF, written straight into the layout
+above. The stamps are read a block at a time as they are convolved (`CubeFile`, memory-mapped):
+the cube itself is never held in memory. With an MPI communicator the convolved arrays live once
+per node in shared memory (every node rank reads and convolves a slice); with a ``cache_dir`` the convolved models of each
 (cube, PSF) are kept on disk (`CachedModels`: the matrix, its squares, the model-major copy and
 the supports, as ``.npy``) so that the next job of the same tile *maps* them instead of reading
 the cube and convolving it again: no copy, no squares, no transpose; the pages come from the
@@ -191,8 +192,9 @@ class NodeModels:
     Parameters
     ----------
     comm : `dre_hpc.batch.comm` communicator, or None for one process.
-    load : callable returning ``(cube, grid, key)``; called (on node rank 0) only when the stamps
-        are needed: a cache miss, or no ``describe``.
+    load : callable returning ``(cube, grid, key)``, the cube a `CubeFile` or an in-memory array
+        (`stamp_source`); called (on node rank 0) at construction without ``describe``, and by
+        each rank whose stamps are needed (a cache miss) and not yet loaded.
     describe : optional callable returning ``(grid, key)`` without reading the cube: then the cube
         is read on the first convolution, and not at all when the disk cache has every PSF.
     cache_dir : optional directory of the on-disk cache of convolved models (pixel-major ``.npy``);
@@ -208,13 +210,14 @@ class NodeModels:
         self.comm, self.workers, self.psf_has_pixel, self._load = comm, workers, psf_has_pixel, load
         self.shared = bool(shared) and comm.size > 1
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._stamps = None
+        self._source = None                  # the cube's stamps (`stamp_source`), read when needed
         lead = comm.node_rank == 0 or not self.shared
-        cube = None
         if describe is not None:
             grid, key = describe() if lead else (None, None)
         else:
             cube, grid, key = load() if lead else (None, None, None)
+            self._source = None if cube is None else stamp_source(cube, grid)
+            del cube
         if self.shared:
             grid, key = comm.bcast((grid, key) if comm.rank == 0 else None)
         self.grid, self.key = grid, key
@@ -224,30 +227,10 @@ class NodeModels:
         self.keep_major = 4 * k * p <= model_major_limit()
         self.convolved = self.convolved_sq = self.convolved_major = None    # made on first convolution
         self.order = radial_layout(grid.boxsize)[0]
-        if describe is None:
-            self._take_stamps(cube)
-        del cube
         comm.barrier()
         self.xp = get_backend(backend, device=comm.local_rank)
         self.digest, self.matrix = None, None
         self.n_convolved = 0                 # convolutions run by this process (cache hits do not count)
-
-    def _take_stamps(self, cube=None):
-        """The unique stamps (K, B, B), once per node when shared (collective); node rank 0 reads
-        the cube unless it is given."""
-        representatives, _ = self.grid.unique_models()
-        shape = (representatives.size, self.grid.boxsize, self.grid.boxsize)
-        stamps = (self.comm.shared_array if self.shared else np.empty)(shape, np.float32)
-        if self.comm.node_rank == 0 or not self.shared:
-            if cube is None:
-                cube, _, _ = self._load()
-            # straight into place: no temporary copy of the stamps; mode "clip" (the indices are
-            # valid): with the default "raise" NumPy copies through a buffer, 9x slower
-            np.take(cube.reshape((self.grid.size,) + shape[1:]), representatives, axis=0, out=stamps,
-                    mode="clip")
-        if self.shared:
-            self.comm.barrier()
-        self._stamps = stamps
 
     def use_cache_dir(self, cache_dir) -> None:
         """Keep and look for convolved models in `cache_dir` (None: no disk cache) from now on."""
@@ -270,6 +253,20 @@ class NodeModels:
                     entry.write(self.convolved, self.convolved_sq, self.convolved_major, self.matrix.support)
             self.digest = digest
         return self.matrix
+
+    def _fill_pixel_major(self, major, first, tile=128):
+        """Models ``first:first + len(major)`` from their model-major rows `major` into the pixel-
+        major matrix, transposed 128 x 128 at a time (tiles that stay in cache), then their squares
+        row block by row block. Squaring the transposed tiles as they came took 5x longer, and a
+        column block of the matrix at a time (strided rows) longer still."""
+        rows, cols = major.shape[1], slice(first, first + len(major))
+        for start in range(0, len(major), tile):
+            stop = min(start + tile, len(major))
+            for r in range(0, rows, tile):
+                self.convolved[r:r + tile, first + start:first + stop] = major[start:stop, r:r + tile].T
+        for r in range(0, rows, tile):
+            block = self.convolved[r:r + tile, cols]
+            np.multiply(block, block, out=self.convolved_sq[r:r + tile, cols])
 
     def _cache_entry(self, digest):
         if self.cache_dir is None:
@@ -303,18 +300,39 @@ class NodeModels:
         self._buffers()
         parts, part = (self.comm.node_size, self.comm.node_rank) if self.shared else (1, 0)
         lo, hi = np.linspace(0, self.convolved.shape[1], parts + 1).astype(int)[part:part + 2]
-        if self._stamps is None:
-            self._take_stamps()
+        if self._source is None:                # every rank reads the stamps it convolves itself
+            self._source = stamp_source(self._load()[0], self.grid)
+        representatives = self.grid.unique_models()[0]
+        rows = None if self.convolved_major is not None else np.empty((CONVOLVE_BLOCK, self.shape[0]), np.float32)
         for start in range(lo, hi, CONVOLVE_BLOCK):
             stop = min(start + CONVOLVE_BLOCK, hi)
-            block = convolve_cube(self._stamps[start:stop], psf, workers=self.workers)
-            cols = self.convolved[:, start:stop]
-            major = None if self.convolved_major is None else self.convolved_major[start:stop]
-            to_pixel_major(block, self.order, out=cols, major=major)
-            np.multiply(cols, cols, out=self.convolved_sq[:, start:stop])
+            # each model's pixels in radial order, straight from the transform: model-major rows
+            major = self.convolved_major[start:stop] if rows is None else rows[:stop - start]
+            convolve_cube(self._source.stamps(representatives[start:stop]), psf, workers=self.workers,
+                          out=major, order=self.order)
+            if rows is not None:            # no model-major copy: into the columns block by block
+                self._fill_pixel_major(major, start)
+        if rows is None:
+            self._fill_pixel_major(self.convolved_major[lo:hi], lo)
         self.n_convolved += 1
         if self.shared:
             self.comm.barrier()
+
+
+class ArrayStamps:
+    """`stamp_source` of a cube already in memory, ``grid.shape + (B, B)``."""
+
+    def __init__(self, cube, grid):
+        self.flat = np.asarray(cube).reshape((grid.size, grid.boxsize, grid.boxsize))
+
+    def stamps(self, flat_indices) -> np.ndarray:
+        return np.take(self.flat, flat_indices, axis=0).astype(np.float32, copy=False)
+
+
+def stamp_source(cube, grid):
+    """What `NodeModels` reads the stamps from: a `CubeFile` (``stamps(flat_indices)``) as it
+    is, an in-memory cube through `ArrayStamps`."""
+    return cube if hasattr(cube, "stamps") else ArrayStamps(cube, grid)
 
 
 class CachedModels:

@@ -68,7 +68,7 @@ def psf_transform(psf, stamp_shape, workers=None, dtype=np.float32) -> np.ndarra
     return scipy.fft.rfft2(padded.astype(dtype), workers=workers)
 
 
-def convolve_cube(stamps, psf, workers=None, block: int = DEFAULT_BLOCK, out=None) -> np.ndarray:
+def convolve_cube(stamps, psf, workers=None, block: int = DEFAULT_BLOCK, out=None, order=None) -> np.ndarray:
     """Linearly convolve every stamp of a cube with one PSF, keeping the model centres in place.
 
     Parameters
@@ -82,11 +82,14 @@ def convolve_cube(stamps, psf, workers=None, block: int = DEFAULT_BLOCK, out=Non
     block : int
         Stamps transformed per batch (bounds temporary memory).
     out : ndarray, optional
-        float32 C-contiguous array of the stamps' shape to write into.
+        float32 C-contiguous array of the result's shape to write into.
+    order : array_like of int, optional
+        Flat stamp indices (``y * Bx + x``): each convolved stamp's pixels in this order, gathered
+        straight from the transform's output (``(K, len(order))``; the fit's radial layout).
 
     Returns
     -------
-    ndarray of float32, shape (K, By, Bx), C-contiguous
+    ndarray of float32, shape (K, By, Bx) (or (K, len(order))), C-contiguous
     """
     stamps = np.asarray(stamps)
     if stamps.ndim == 2:
@@ -96,17 +99,24 @@ def convolve_cube(stamps, psf, workers=None, block: int = DEFAULT_BLOCK, out=Non
     k, by, bx = stamps.shape
     shape = fft_shape((by, bx), np.shape(psf))
     kernel = psf_transform(psf, (by, bx), workers)
+    result = (k, by, bx) if order is None else (k, len(order))
     if out is None:
-        out = np.empty((k, by, bx), dtype=np.float32)
-    elif out.shape != stamps.shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 of shape {stamps.shape}, got {out.dtype} {out.shape}")
+        out = np.empty(result, dtype=np.float32)
+    elif out.shape != result or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 of shape {result}, got {out.dtype} {out.shape}")
+    if order is not None:       # the kept window's pixels inside the padded transform
+        order = np.asarray(order, dtype=np.int64)
+        taps = (order // bx) * shape[1] + order % bx
     block = max(1, int(block))
     for start in range(0, k, block):
         chunk = np.asarray(stamps[start:start + block], dtype=np.float32)
         spec = scipy.fft.rfft2(chunk, s=shape, workers=workers)  # zero pads to `shape`
         spec *= kernel
         full = scipy.fft.irfft2(spec, s=shape, workers=workers, overwrite_x=True)
-        out[start:start + block] = full[:, :by, :bx]
+        if order is None:
+            out[start:start + block] = full[:, :by, :bx]
+        else:           # mode "clip" (valid indices): no buffered copy
+            np.take(full.reshape(len(full), -1), taps, axis=1, out=out[start:start + block], mode="clip")
     return out
 
 
