@@ -195,13 +195,13 @@ def test_fit_without_prep_says_so(run):
 
 def test_prep_leaves_the_convolution_to_the_fits_without_the_memory(tmp_path, tiny_tile, default_cube_file,
                                                                     monkeypatch):
-    """With 1 GB of prep memory the models (about 0.6 GB x 2) are not convolved in the prep: the
+    """With 0.8 GB of prep memory the models (about 0.45 GB x 2) are not convolved in the prep: the
     marker says why, and the first fit job convolves them (and caches them for the others)."""
     monkeypatch.setattr(fit_job, "_MODELS", {})      # a fresh process: no models in memory
-    run = make_run(tmp_path, [tiny_tile], BASE + ["chunking.objects_per_chunk=5", "resources.prep.mem_gb=1"])
+    run = make_run(tmp_path, [tiny_tile], BASE + ["chunking.objects_per_chunk=5", "resources.prep.mem_gb=0.8"])
     assert run_stage("prep", run.root, tile=0) == 0
     skipped = run.read_marker("prep", "tiny")[1]["models"]["skipped"]
-    assert "more than half of resources.prep.mem_gb (1)" in skipped
+    assert "the models need about 0.5 GB, more than half of resources.prep.mem_gb (0.8)" in skipped
     assert not run.model_cache("tiny").exists()
     assert run_stage("fit", run.root, tile=0, chunk=0) == 0
     assert sum(r["convolutions"] for r in run.read_marker("fit", "tiny", 0)[1]["per_rank"]) == 1

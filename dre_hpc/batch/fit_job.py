@@ -100,7 +100,7 @@ def convolve_for_fits(rundir: RunDir, config, tile: Tile) -> dict:
     fit, limit_gb = config["fit"], config["resources"]["prep"]["mem_gb"]
     grid, _ = describe_cube(fit["model"])
     pixels = grid.boxsize * grid.boxsize
-    need_gb = (3 * grid.unique_models()[0].size + grid.size) * pixels * 4 / 1e9
+    need_gb = 3 * grid.unique_models()[0].size * pixels * 4 / 1e9     # matrix, squares, model-major
     if limit_gb and need_gb > 0.5 * limit_gb:
         return {"skipped": f"the models need about {need_gb:.1f} GB, more than half of "
                            f"resources.prep.mem_gb ({limit_gb:g}); the first fit job of the tile convolves"}
