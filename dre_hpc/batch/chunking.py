@@ -5,9 +5,10 @@ Chunks are made of whole fitting *units* of U objects (the fit's batch size: the
 chunk k of n covers units ``[N_u*k//n, N_u*(k+1)//n)``, so no chunk fits objects that it does not
 keep (a chunk that cut a unit would fit the whole unit). The chunks tile ``[0, N)`` exactly,
 differ in size by at most one unit, and any job can compute its own range from (N, k, n, U)
-alone; with U = 1 chunk k covers ``[N*k//n, N*(k+1)//n)``. The number of chunks is *not* capped at N: with ``chunks_per_tile`` the job
-array is sized at setup time, before prep has counted the objects, so a tile with fewer objects
-than chunks simply has empty chunks (which still finish and write zero rows). A tile always has
+alone; with U = 1 chunk k covers ``[N*k//n, N*(k+1)//n)``. With ``chunks_per_tile`` the number
+of chunks is *not* capped at the units: the job array is sized at setup time, before prep has
+counted the objects, so a tile with fewer units than chunks simply has empty chunks (which still
+finish and write zero rows); with ``objects_per_chunk`` it is (`n_chunks_for`). A tile always has
 at least one chunk, so that every tile leaves a completion marker, even with N = 0.
 
 Random draws are seeded from (master seed, tile name, object index) through

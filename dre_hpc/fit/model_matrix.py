@@ -10,12 +10,12 @@ per-batch squares, and the original statistic reads the same rows (no transposed
 convolution of the cube's unique stamps with the current PSF, written straight into the layout
 above. The stamps are read a block at a time as they are convolved (`CubeFile`, memory-mapped):
 the cube itself is never held in memory. With an MPI communicator the convolved arrays live once
-per node in shared memory (every node rank reads and convolves a slice); with a ``cache_dir`` the convolved models of each
-(cube, PSF) are kept on disk (`CachedModels`: the matrix, its squares, the model-major copy and
-the supports, as ``.npy``) so that the next job of the same tile *maps* them instead of reading
-the cube and convolving it again: no copy, no squares, no transpose; the pages come from the
-node's page cache, shared by every job and rank of the node that maps them, and a job touches only
-the rows its objects use.
+per node in shared memory (every node rank reads and convolves a slice). With a ``cache_dir`` the
+convolved models of each (cube, PSF) are kept on disk (`CachedModels`: the matrix, its squares,
+the model-major copy and the supports, as ``.npy``) so that the next job of the same tile *maps*
+them instead of reading the cube and convolving it again: no copy, no squares, no transpose; the
+pages come from the node's page cache, shared by every job and rank of the node that maps them,
+and a job touches only the rows its objects use.
 """
 
 from __future__ import annotations
@@ -303,7 +303,8 @@ class NodeModels:
         if self._source is None:                # every rank reads the stamps it convolves itself
             self._source = stamp_source(self._load()[0], self.grid)
         representatives = self.grid.unique_models()[0]
-        rows = None if self.convolved_major is not None else np.empty((CONVOLVE_BLOCK, self.shape[0]), np.float32)
+        rows = None if self.convolved_major is not None else \
+            np.empty((CONVOLVE_BLOCK, self.shape[0]), np.float32)
         for start in range(lo, hi, CONVOLVE_BLOCK):
             stop = min(start + CONVOLVE_BLOCK, hi)
             # each model's pixels in radial order, straight from the transform: model-major rows
@@ -359,7 +360,8 @@ class CachedModels:
         arr = np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
         shape, dtype = self._expected(name)
         if arr.shape != shape or arr.dtype != dtype:
-            raise ValueError(f"{file.name}: shape {arr.shape} {arr.dtype}, expected {shape} {np.dtype(dtype)}")
+            raise ValueError(f"{file.name}: shape {arr.shape} {arr.dtype}, expected {shape} "
+                             f"{np.dtype(dtype)}")
         return arr
 
     def usable(self) -> bool:
