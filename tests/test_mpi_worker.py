@@ -24,7 +24,6 @@ import pytest
 from astropy.io import fits
 from batch_helpers import make_run
 
-from dre_hpc.batch.checkpoint import read_part_file
 from dre_hpc.batch.rundir import RunDir
 from dre_hpc.batch.worker import run_stage
 from scratch import scratch_dir
@@ -107,14 +106,14 @@ def _hashes(run) -> dict:
 
 
 def _parts(run) -> list:
-    return sorted(run.checkpoint_dir("tiny", 0).glob("part-*.npys"))
+    return sorted(run.checkpoint_dir("tiny", 0).glob("part-*.npz"))
 
 
 def _checkpointed_objects(run) -> int:
     total = 0
     for path in _parts(run):
-        header, part = read_part_file(path)
-        total += sum(len(part[f"u{uid}.FLAGS"]) for uid in header["units"])
+        with np.load(path) as part:
+            total += sum(len(part[f"u{uid}.FLAGS"]) for uid in part["units"])
     return total
 
 
