@@ -425,3 +425,18 @@ def test_stop_signals_outside_the_main_thread_install_nothing(previous_handlers)
     thread.start()
     thread.join()
     assert out == {"handlers": handlers, "received": None}
+
+
+def test_a_part_with_a_flipped_byte_is_refused(tmp_path):
+    """A part whose bytes changed on disk (not a torn write: same size, every record readable)
+    is refused: the zip format's CRC of each array is why parts are .npz files."""
+    folder = tmp_path / "ckpt"
+    part = Checkpoint(folder, IDENTITY, rank=0).save({0: _unit_columns(0, 4)})
+    raw = bytearray(part.read_bytes())
+    offset = raw.index(b"u0.SURFACE.npy")       # its local header's name; then the .npy header (128)
+    raw[offset + len(b"u0.SURFACE.npy") + 128 + 40] ^= 0x40      # a byte of the surface's values
+    assert len(raw) == part.stat().st_size
+    part.write_bytes(bytes(raw))
+    warnings = []
+    assert Checkpoint(folder, IDENTITY).load(SIZES, warn=warnings.append) == {}
+    assert len(warnings) == 1 and "unreadable" in warnings[0]
