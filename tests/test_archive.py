@@ -116,6 +116,9 @@ def test_clean(run):
     assert clean(run, ("tiles",)) == ["tiles"]
     assert not (run.root / "tiles").exists() and (run.root / "chunks").is_dir()
     assert clean(run, ("chunks",)) == ["chunks"] and not (run.root / "chunks").exists()
+    (run.root / ".cache" / "numba").mkdir(parents=True)
+    assert clean(run, (".cache",)) == [".cache"] and not (run.root / ".cache").exists()
+    assert clean(run, ("tiles", "chunks", ".cache")) == []
     with pytest.raises(ArchiveError, match="unknown part 'logs'"):
         clean(run, ("logs",))
 

@@ -30,7 +30,8 @@ from dre_hpc.errors import DreError
 
 PACKED = ("logs", "scripts", "markers", "jobs", CONFIG, PROVENANCE, MANIFEST, f"collated/{RECORD}")
 REMOVED_AFTER = ("chunks", "logs", "markers")
-CLEANABLE = ("tiles", "chunks")
+#: What `clean` removes: prep products (and the model cache), chunk outputs, the fit kernels' cache.
+CLEANABLE = ("tiles", "chunks", ".cache")
 
 
 class ArchiveError(DreError):
@@ -226,8 +227,9 @@ def archive(rundir) -> ArchiveReport:
 
 
 def clean(rundir, what=("tiles",)) -> list:
-    """Remove `what` (``tiles``: prep products, ``chunks``: chunk outputs) of a run with a verified
-    collate; the names of what was removed."""
+    """Remove `what` (``tiles``: prep products and their model cache, ``chunks``: chunk outputs,
+    ``.cache``: Numba's compiled kernels) of a run with a verified collate; the names of what was
+    removed."""
     rundir = _rundir(rundir)
     unknown = [w for w in what if w not in CLEANABLE]
     if unknown:

@@ -99,7 +99,7 @@ def _archive(args, argv):
 def _clean(args, argv):
     from ..batch.archive import clean
     from ..batch.rundir import RunDir
-    what = ("tiles", "chunks") if args.what == "all" else (args.what,)
+    what = ("tiles", "chunks", ".cache") if args.what == "all" else (args.what,)
     removed = clean(RunDir(args.run_dir).require(), what)
     print(f"removed: {', '.join(removed) or 'nothing (already clean)'}")
     return 0
@@ -148,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     cl = sub.add_parser("clean", help="remove intermediates of a collated run")
     cl.add_argument("run_dir")
     cl.add_argument("what", nargs="?", default="tiles", choices=("tiles", "chunks", "all"),
-                    help="tiles: prep products (default); chunks: chunk outputs; all: both")
+                    help="tiles: prep products and model caches (default); chunks: chunk outputs; "
+                         "all: both and the compiled kernels' cache")
     cl.set_defaults(func=_clean)
     return p
 
