@@ -127,26 +127,21 @@ def read_cube(path):
     CubeFormatError
         Keys are missing, the data shape does not match them, or values are not finite.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"model cube {path} not found" if not path.exists()
-                         else f"model cube {path} is not a file")
-    # every header checked and the data sizes compared with the file before astropy reads it:
-    # truncated files and absurd NAXISn/BITPIX give an InputError, not a huge array or a hang
-    check_fits(path, f"cannot read model cube {path} as FITS")
+    source = CubeFile(path)
     try:
         # memory-mapped: the tiles are byte-swapped and rearranged into stamps in one pass over the
         # file (0.25 s for the default cube instead of 0.6 s through a big-endian copy)
-        with fits.open(path, memmap=True) as hdul:
-            hdu = first_image_hdu(hdul, path)
-            header = grid_header(hdul[0].header, hdu.header)
-            grid = ModelGrid.from_header(header, source=str(path))
-            cube = from_disk_layout(match_shape(hdu.data, grid, path), grid)
-            del hdu.data
-    except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError, VerifyError) as exc:
-        raise InputError(f"cannot read model cube {path} as FITS: {exc}") from exc
-    _check_finite(cube, path)
-    return cube, grid
+        cube = from_disk_layout(source._tiles, source.grid)
+    except READ_ERRORS as exc:
+        raise InputError(f"cannot read model cube {source.path} as FITS: {exc}") from exc
+    finally:
+        source.close()
+    _check_finite(cube, source.path)
+    return cube, source.grid
+
+
+#: What reading a cube that is not readable FITS may raise (reported as an InputError).
+READ_ERRORS = (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError, VerifyError)
 
 
 class CubeFile:
@@ -162,17 +157,22 @@ class CubeFile:
         if not self.path.is_file():
             raise InputError(f"model cube {self.path} not found" if not self.path.exists()
                              else f"model cube {self.path} is not a file")
+        # every header checked and the data sizes compared with the file before astropy reads it:
+        # truncated files and absurd NAXISn/BITPIX give an InputError, not a huge array or a hang
         check_fits(self.path, f"cannot read model cube {self.path} as FITS")
         try:
             self._hdul = fits.open(self.path, memmap=True)
-            hdu = first_image_hdu(self._hdul, self.path)
-            header = grid_header(self._hdul[0].header, hdu.header)
-            self.grid = ModelGrid.from_header(header, source=str(self.path))
-            nn, nq, na, nr = self.grid.shape
-            box = self.grid.boxsize
-            self._tiles = match_shape(hdu.data, self.grid, self.path).reshape(nn, nq, na, box, nr, box)
-        except (OSError, ValueError, TypeError, IndexError, KeyError, AttributeError, EOFError,
-                VerifyError) as exc:
+            try:
+                self._hdu = first_image_hdu(self._hdul, self.path)
+                header = grid_header(self._hdul[0].header, self._hdu.header)
+                self.grid = ModelGrid.from_header(header, source=str(self.path))
+                (nn, nq, na, nr), box = self.grid.shape, self.grid.boxsize
+                self._tiles = match_shape(self._hdu.data, self.grid, self.path).reshape(
+                    nn, nq, na, box, nr, box)
+            except BaseException:               # a refused file is not left open
+                self._hdul.close()
+                raise
+        except READ_ERRORS as exc:
             raise InputError(f"cannot read model cube {self.path} as FITS: {exc}") from exc
 
     def stamps(self, flat_indices) -> np.ndarray:
@@ -192,7 +192,9 @@ class CubeFile:
         return out
 
     def close(self) -> None:
+        """Release the mapped data (astropy keeps its array otherwise) and close the file."""
         self._tiles = None
+        del self._hdu.data
         self._hdul.close()
 
 
