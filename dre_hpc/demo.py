@@ -36,8 +36,8 @@ def demo_config(path: Path, objects_per_chunk: int) -> Path:
               "fit": {"model": "sersic", "gain": spec.gain, "zero_point": spec.zero_point, "batch_size": 64},
               "chunking": {"objects_per_chunk": objects_per_chunk},
               "scheduler": {"name": "local"},
-              # room for the sersic models (about 7.4 GB) in the prep job: it convolves them once
-              # per tile and every fit chunk of the tile loads them (`fit_job.convolve_for_fits`)
+              # room for the sersic models (about 5.4 GB) in the prep job: it convolves them once
+              # per tile and every fit chunk of the tile maps them (`fit_job.convolve_for_fits`)
               "resources": {"prep": {"mem_gb": 16}}}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -140,8 +140,9 @@ TABLE = {
     },
     "resources": {
         "prep": _resources("01:00:00", 4),
-        # the default `sersic` cube: a fit job peaks at about 7.7 GB (its models, their squares and
-        # the model-major copy, 1.8 GB each, and a batch's surfaces), so 8 GB left no margin
+        # the default `sersic` cube: a fit job that convolves it (no prep cache) peaks at 7.1-7.3 GB
+        # (its models, their squares and the model-major copy, 1.8 GB each, and the mapped cube's
+        # pages), so 8 GB left no margin; one that maps the tile's cache peaks at about 2.6 GB
         "fit": _resources("04:00:00", 12),
         "collate": _resources("01:00:00", 8),
     },
