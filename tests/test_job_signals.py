@@ -22,20 +22,26 @@ from dre_hpc.batch.render import render_script
 
 from standins import LAUNCHER, RECORD, calls, path_with, write_standin
 
+# Seconds a step may take before the test fails. Generous: under CI the container build runs
+# beside the tests (compiles, unpacks a Debian root), and one run once took more than 30 s to
+# finish a signalled job. The payloads loop longer than this, so that a signal that never
+# arrives shows as a timeout or a wrong exit status, never as a pass.
+PATIENCE = 120
+
 # The payload: ready file once its traps are set, then a loop it leaves only through a trap.
 PAYLOAD = RECORD + r'''if [ "$3" = finish ]; then exit 0; fi
 signals="${STANDIN_LOG:?}/../signals"
 trap 'echo USR1 >> "$signals"; sleep "${STANDIN_DELAY:-0}"; exit 75' USR1
 trap 'echo TERM >> "$signals"; exit 143' TERM
 touch "${STANDIN_LOG:?}/../ready"
-for _ in $(seq 600); do sleep 0.05; done
+for _ in $(seq 3000); do sleep 0.05; done
 exit 0
 '''
 
 # A payload without traps: USR1 kills it (exit 138), as it would a process without a handler.
 UNTRAPPED = RECORD + r'''if [ "$3" = finish ]; then exit 0; fi
 touch "${STANDIN_LOG:?}/../ready"
-for _ in $(seq 600); do sleep 0.05; done
+for _ in $(seq 3000); do sleep 0.05; done
 exit 0
 '''
 
@@ -57,7 +63,7 @@ def start(tmp_path, scheduler="local", overrides=(), payload=PAYLOAD, env=None):
                 PBS_O_WORKDIR=str(run), SLURM_SUBMIT_DIR=str(run), **(env or {}))
     proc = subprocess.Popen(["bash", str(run / "scripts" / "fit.sh")], cwd=run, env=full,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + PATIENCE
     while not (tmp_path / "ready").exists():
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the stand-in payload never started"
@@ -65,7 +71,7 @@ def start(tmp_path, scheduler="local", overrides=(), payload=PAYLOAD, env=None):
     return proc
 
 
-def finished(proc, timeout=30):
+def finished(proc, timeout=PATIENCE):
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
@@ -135,7 +141,7 @@ def test_the_signal_goes_through_the_mpi_launcher(tmp_path, scheduler, launcher)
 
 def test_undisturbed_payload_status_passes_through(tmp_path):
     """No signal: the payload's own exit status is the script's (here the loop's end, 0)."""
-    payload = PAYLOAD.replace("seq 600", "seq 4")
+    payload = PAYLOAD.replace("seq 3000", "seq 4")
     proc = start(tmp_path, payload=payload)
     code, _, err = finished(proc)
     assert code == 0 and signals(tmp_path) == [], err
