@@ -248,6 +248,32 @@ def test_chi_files_are_the_same_bytes_every_time(tmp_path, compression):
     assert digests[0] == digests[1]
 
 
+def test_model_cache_is_mapped_on_the_next_run(runs, workdir, default_cube_file, tmp_path, monkeypatch):
+    """--model-cache DIR: the first run convolves and writes the entry, the next one maps it
+    without convolving (or reading the cube's stamps), and both give the catalogue and chi
+    values of a run without the cache."""
+    from dre_hpc.fit.model_matrix import NodeModels
+    cache = tmp_path / "models"
+    monkeypatch.chdir(workdir)
+    convolved = []
+    original = NodeModels._convolve
+    monkeypatch.setattr(NodeModels, "_convolve", lambda self, psf: convolved.append(1) or original(self, psf))
+    for k in (1, 2):
+        assert run(["-m", default_cube_file, "--psf", "PSF", "-i", "CutsDRE", "-o", tmp_path / f"Summary{k}",
+                    "--chi", tmp_path / f"Chi{k}", "--compression", "none", "--model-cache", cache]) == 0
+        assert len(convolved) == 1, f"run {k} convolved {len(convolved)} time(s) in all"
+    assert len(list(cache.glob("models-*/models.npy"))) == 1
+    reference = summary(workdir, "SummaryDRE")
+    for k in (1, 2):
+        table = Table.read(tmp_path / f"Summary{k}" / f"{IMG}_dre.fits", hdu=1, mask_invalid=False)
+        for name in ("MODEL_IDX", "CHI", "FLUX", "LOGR_FIT", "FLUX_FIT", "FLAGS"):
+            assert np.array_equal(np.asarray(table[name]), np.asarray(reference[name]), equal_nan=True), name
+        with h5py.File(tmp_path / f"Chi{k}" / f"{IMG}_chi.h5") as mine, \
+                h5py.File(workdir / "ChiDRE" / f"{IMG}_chi.h5") as theirs:
+            assert sorted(mine) == sorted(theirs)
+            assert all(np.array_equal(mine[n][()], theirs[n][()], equal_nan=True) for n in mine)
+
+
 def test_mosaics(runs, workdir, sim):
     cuts, truth, _ = sim
     t = summary(workdir)

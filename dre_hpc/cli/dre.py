@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whether the PSF already contains the pixel response (PSFEx PSFs do: it is "
                    "divided out so that the pixel-integrated models do not count it twice)")
     p.add_argument("--no-centre", action="store_true", help="do not move cutouts to the sub-pixel centre")
+    p.add_argument("--model-cache", default=None, metavar="DIR",
+                   help="keep the convolved models of each (cube, PSF) in DIR and map them on the next "
+                        "run with the same cube and PSF instead of convolving again (sersic: about 20 s "
+                        "and 5.4 GB of disk per PSF; the same entries as dre-batch's model cache)")
     return p
 
 
@@ -113,7 +117,8 @@ def drive(argv=None) -> int:
                   backend=args.backend, workers=args.cpu, options=options)
     files = list_cuts_files(args.input)
     models = NodeModels(None, lambda: load_cube(args.model), backend=args.backend, workers=args.cpu,
-                        psf_has_pixel=args.psf_pixel == "included")
+                        psf_has_pixel=args.psf_pixel == "included", cache_dir=args.model_cache,
+                        describe=(lambda: describe_cube(args.model)) if args.model_cache else None)
     start, total = time.perf_counter(), 0
     # BLAS results depend on its thread count: pinned, as the dre-batch worker pins it
     with threadpool_limits(limits=args.cpu, user_api="blas"):
