@@ -2,7 +2,7 @@
 
 Before anything is written, every done chunk is checked against its done marker: it was fitted on
 the tile's current prep (``prep_digest``), the row count is ``stop - start`` (and the range is the
-one `chunk_range` gives the tile's object count), the output
+one `prep_chunk_range` gives the tile's object count), the output
 files are where `RunDir.chunk_outputs` puts them with the recorded byte counts and SHA-256, the FITS
 table has ``rows`` rows and the chi file ``rows`` datasets. A corrupt or modified chunk is refused
 with its path named, always. Chunks that are not done (failed, blocked, pending, never submitted)
@@ -35,11 +35,11 @@ import h5py
 from astropy.table import Table
 
 from dre_hpc import __version__
-from dre_hpc.batch.chunking import ChunkingError, chunk_range
+from dre_hpc.batch.chunking import ChunkingError
 from dre_hpc.batch.config import load_config
 from dre_hpc.batch.merge import (ChiFileError, DuplicateObject, TablePart, read_part, sha256_and_size,
                                  write_chi, write_tables)
-from dre_hpc.batch.prep_job import prep_digest
+from dre_hpc.batch.prep_job import prep_chunk_range, prep_digest
 from dre_hpc.batch.rundir import RunDir, file_sha256, utc_now, write_json
 from dre_hpc.batch.status import collect
 from dre_hpc.errors import DreError
@@ -119,8 +119,7 @@ def _check_chunk(rundir: RunDir, tile, k: int, prep) -> tuple:
         if marker["prep_digest"] != prep_digest(prep):
             return None, [f"{where}: fitted on other prep products than the tile's current ones "
                           f"(its prep was redone after this fit)"]
-        unit = int(prep.get("unit_size", 1))
-        if n_objects is not None and (start, stop) != chunk_range(n_objects, k, tile.n_chunks, unit):
+        if n_objects is not None and (start, stop) != prep_chunk_range(prep, k, tile.n_chunks):
             return None, [f"{where}: done marker range [{start}, {stop}) is not chunk {k} of "
                           f"{tile.n_chunks} of {n_objects} objects"]
     except (KeyError, TypeError, ValueError, ChunkingError) as exc:

@@ -36,9 +36,8 @@ from ..fit.units import UnitReader, assemble, plan_units
 from ..io.outputs import summary_table, write_chi, write_summary
 from .checkpoint import Checkpoint, CheckpointPolicy, identity_digest
 from .chunk_fit import ChunkInterrupted, NodeModels, NoStop, fit_pending
-from .chunking import chunk_range
 from .comm import SerialComm
-from .prep_job import check_products, prep_digest, tile_products
+from .prep_job import check_products, prep_chunk_range, prep_digest, tile_products
 from .environment import hostname
 from .rundir import RunDir, Tile, file_sha256
 
@@ -199,8 +198,8 @@ def run_fit(rundir: RunDir, config, tile: Tile, k: int, prep: dict, comm=None, s
 
 def _run_fit(rundir, config, tile, k, prep, comm, stop):
     begin = time.perf_counter()
-    n_chunks, n_objects = int(prep["n_chunks"]), int(prep["n_objects"])
-    bounds = chunk_range(n_objects, k, n_chunks, int(prep.get("unit_size", 1)))
+    n_chunks = int(prep["n_chunks"])
+    bounds = prep_chunk_range(prep, k, n_chunks)
     if comm.rank == 0:
         remove_chunk_outputs(rundir, tile.name, k)           # an earlier attempt's, if any
     check_products(rundir, tile, prep)      # every rank: the same answer, so none waits for another

@@ -42,7 +42,7 @@ from ..preprocess.seeing import seeing_keys, tile_seeing
 from ..preprocess.sextractor import SexOptions, run_sextractor
 from ..preprocess.tools import read_image_header
 from .checkpoint import identity_digest
-from .chunking import n_chunks_for
+from .chunking import chunk_range, n_chunks_for
 from .prep_psf import tile_psf
 from .rundir import RunDir, Tile, file_sha256, remove_path
 from .tile_inputs import health_warnings, image_health, tile_maps, tile_photometry, user_psf
@@ -223,6 +223,13 @@ def product_checksums(rundir: RunDir, tile: Tile) -> dict:
     folder = rundir.tile_dir(tile.name)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     return {Path(p).relative_to(rundir.root).as_posix(): file_sha256(p) for p in files}
+
+
+def prep_chunk_range(prep: dict, k: int, n_chunks: int) -> tuple:
+    """Objects ``[start, stop)`` of chunk `k` of `n_chunks` of the tile that `prep` (its done
+    marker) describes, in the fitting units it recorded; a marker written before units were
+    recorded keeps the ranges of single objects that its chunks were fitted with."""
+    return chunk_range(prep["n_objects"], k, n_chunks, int(prep.get("unit_size", 1)))
 
 
 def prep_digest(prep: dict) -> str:
