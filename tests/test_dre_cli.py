@@ -257,7 +257,7 @@ def test_model_cache_is_mapped_on_the_next_run(runs, workdir, default_cube_file,
     monkeypatch.chdir(workdir)
     convolved = []
     original = NodeModels._convolve
-    monkeypatch.setattr(NodeModels, "_convolve", lambda self, psf: convolved.append(1) or original(self, psf))
+    monkeypatch.setattr(NodeModels, "_convolve", lambda self, *psfs: convolved.append(1) or original(self, *psfs))
     for k in (1, 2):
         assert run(["-m", default_cube_file, "--psf", "PSF", "-i", "CutsDRE", "-o", tmp_path / f"Summary{k}",
                     "--chi", tmp_path / f"Chi{k}", "--compression", "none", "--model-cache", cache]) == 0

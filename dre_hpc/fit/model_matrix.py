@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import DreError
 from ..models.convolve import ALGORITHM_VERSION, convolve_cube, psf_digest, remove_pixel_response
+from ..models.core import CORE_VERSION, CoreStore, core_pixels, correction_matrix
 from .backend import get_backend, to_host
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,10 @@ class NodeModels:
         self.keep_major = 4 * k * p <= model_major_limit()
         self.convolved = self.convolved_sq = self.convolved_major = None    # made on first convolution
         self.order = radial_layout(grid.boxsize)[0]
+        # the cores computed without aliasing (`models.core`): for dre_hpc's own stamps and a PSF
+        # that holds the pixel response
+        self.corrects_cores = bool(psf_has_pixel) and bool(grid.renderer)
+        self._cores = None                   # their fine cores (`CoreStore`), made on first use
         comm.barrier()
         self.xp = get_backend(backend, device=comm.local_rank)
         self.digest, self.matrix = None, None
@@ -231,6 +236,7 @@ class NodeModels:
     def for_psf(self, psf) -> ModelMatrix:
         """The models convolved with `psf` (its pixel response removed first when it has one):
         mapped from the disk cache when it has them, else convolved (and cached)."""
+        effective = psf
         if self.psf_has_pixel:
             psf = remove_pixel_response(psf)
         digest = psf_digest(psf)
@@ -238,7 +244,7 @@ class NodeModels:
             entry = self._cache_entry(digest)
             self.matrix = self._map_cached(entry)
             if self.matrix is None:
-                self._convolve(psf)
+                self._convolve(psf, effective)
                 self.matrix = ModelMatrix(self.xp, self.grid, self.convolved, self.convolved_sq,
                                           self.convolved_major)
                 if entry is not None and self.comm.rank == 0:
@@ -263,7 +269,8 @@ class NodeModels:
     def _cache_entry(self, digest):
         if self.cache_dir is None:
             return None
-        text = f"{ALGORITHM_VERSION}|{LAYOUT_VERSION}|{self.key}|{digest}"
+        text = f"{ALGORITHM_VERSION}|{LAYOUT_VERSION}|{self.key}|{digest}" + \
+            (f"|{CORE_VERSION}" if self.corrects_cores else "")
         return CachedModels(self.cache_dir / f"models-{hashlib.sha256(text.encode()).hexdigest()[:32]}",
                             self.shape)
 
@@ -288,7 +295,7 @@ class NodeModels:
             self.convolved, self.convolved_sq = alloc((p, k), np.float32), alloc((p, k), np.float32)
             self.convolved_major = alloc((k, p), np.float32) if self.keep_major else None
 
-    def _convolve(self, psf):
+    def _convolve(self, psf, effective):
         self._buffers()
         parts, part = (self.comm.node_size, self.comm.node_rank) if self.shared else (1, 0)
         lo, hi = np.linspace(0, self.convolved.shape[1], parts + 1).astype(int)[part:part + 2]
@@ -297,19 +304,45 @@ class NodeModels:
         representatives = self.grid.unique_models()[0]
         rows = None if self.convolved_major is not None else \
             np.empty((CONVOLVE_BLOCK, self.shape[0]), np.float32)
+        if self.corrects_cores and self._cores is None:
+            self._cores = CoreStore(self.grid)
+        cores = CoreCorrection(self.grid, effective, psf, self._cores) if self.corrects_cores else None
         for start in range(lo, hi, CONVOLVE_BLOCK):
             stop = min(start + CONVOLVE_BLOCK, hi)
             # each model's pixels in radial order, straight from the transform: model-major rows
             major = self.convolved_major[start:stop] if rows is None else rows[:stop - start]
             convolve_cube(self._source.stamps(representatives[start:stop]), psf, workers=self.workers,
                           out=major, order=self.order)
+            if cores is not None:
+                cores.apply(major, start, stop)
             if rows is not None:            # no model-major copy: into the columns block by block
                 self._fill_pixel_major(major, start)
         if rows is None:
             self._fill_pixel_major(self.convolved_major[lo:hi], lo)
         self.n_convolved += 1
+        if cores is not None and parts == 1:
+            self._cores.save()
         if self.shared:
             self.comm.barrier()
+
+
+class CoreCorrection:
+    """Adds each model's core computed without aliasing (`models.core`) to its convolved
+    model-major row, for one PSF: `effective` (with the pixel response) and `used` (without,
+    what the stamps were convolved with); the cores come from `store` (a `CoreStore`)."""
+
+    def __init__(self, grid, effective, used, store):
+        self.store = store
+        self.matrix, h = correction_matrix(effective, used)
+        if 2 * h + 1 > grid.boxsize:
+            raise DreError(f"a PSF of {np.shape(used)} pixels is larger than the {grid.boxsize}-pixel "
+                           f"model stamps")
+        self.matrix = self.matrix.astype(np.float32)
+        self.rows = radial_layout(grid.boxsize)[1][core_pixels(h, grid.boxsize)]
+
+    def apply(self, major, start: int, stop: int) -> None:
+        """Correct the rows `major` of the unique models ``start:stop``."""
+        major[:, self.rows] += self.store.get(start, stop) @ self.matrix.T
 
 
 class ArrayStamps:

@@ -209,7 +209,7 @@ def first_image_hdu(hdul, path):
 def grid_header(primary, data_header) -> dict:
     """Grid keys from the primary header, falling back to the data HDU's header."""
     merged = {}
-    for key in GRID_KEYS:
+    for key in GRID_KEYS + ("RENDERV",):
         for header in (primary, data_header):
             if key in header:
                 merged[key] = header[key]

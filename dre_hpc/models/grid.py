@@ -63,6 +63,11 @@ class ModelGrid:
     logr: Axis
     boxsize: int = 128
     has_index_axis: bool = True
+    #: The dre_hpc renderer version of a cube's stamps (its ``RENDERV`` card), "" when unknown:
+    #: only then do the stamps' parameters say exactly what they hold (`models.core`).
+    renderer: str = field(default="", compare=False)
+    #: The cube file the grid was read from ("" for a grid made in memory).
+    source: str = field(default="", compare=False)
     _unique: tuple = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
@@ -170,4 +175,5 @@ class ModelGrid:
         boxsize = int(header["BOXSIZE"])
         if boxsize < 8:
             raise CubeFormatError(f"{source}: BOXSIZE = {boxsize} is not a usable stamp size")
-        return cls(index, axis("AX_RATIO"), axis("ANGLE"), axis("LOGR"), boxsize, has_index)
+        return cls(index, axis("AX_RATIO"), axis("ANGLE"), axis("LOGR"), boxsize, has_index,
+                   renderer=str(header.get("RENDERV", "")).strip(), source=str(source))
