@@ -47,7 +47,7 @@ def test_cores_without_aliasing_agree_with_galsim(n, q, angle, r_e):
     plain = convolve_cube(render_sersic(n, q, angle, r_e)[None], used)[0].astype(np.float64)
     matrix, h = correction_matrix(psf, used)
     fixed = plain.ravel().copy()
-    fixed[core_pixels(h, 128)] += (render_cores([n], [q], [angle], [r_e]) @ matrix.T)[0]
+    fixed[core_pixels(h, 128)[0]] += (render_cores([n], [q], [angle], [r_e]) @ matrix.T)[0]
     reference = galsim_model(n, q, angle, r_e, psf)
     peak = reference.max()
     assert np.abs(plain - reference).max() > 1.5e-2 * peak          # what the correction is for
@@ -157,3 +157,12 @@ def test_fine_cores_are_rendered_once_per_generated_cube(isolated_cache, monkeyp
     second = NodeModels(None, lambda: load_cube(str(path)))
     assert np.array_equal(second.for_psf(psf).host, first.host)
     second.for_psf(draw_psf(SimSpec(psf_fwhm=3.0)))                  # another PSF: the same cores
+
+
+def test_a_correction_wider_than_the_stamp_is_cut_to_it():
+    """A 25-pixel PSF around a 9 x 9 core reaches 16 pixels from the centre: on a 24-pixel stamp
+    only the pixels inside are corrected (the rest lies outside the model anyway)."""
+    pixels, inside = core_pixels(16, 24)
+    assert inside.sum() == 24 * 24 and np.array_equal(np.sort(pixels), np.arange(24 * 24))
+    pixels, inside = core_pixels(16, 128)
+    assert inside.all() and len(pixels) == 33 * 33

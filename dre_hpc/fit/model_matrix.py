@@ -333,12 +333,10 @@ class CoreCorrection:
 
     def __init__(self, grid, effective, used, store):
         self.store = store
-        self.matrix, h = correction_matrix(effective, used)
-        if 2 * h + 1 > grid.boxsize:
-            raise DreError(f"a PSF of {np.shape(used)} pixels is larger than the {grid.boxsize}-pixel "
-                           f"model stamps")
-        self.matrix = self.matrix.astype(np.float32)
-        self.rows = radial_layout(grid.boxsize)[1][core_pixels(h, grid.boxsize)]
+        matrix, h = correction_matrix(effective, used)
+        pixels, inside = core_pixels(h, grid.boxsize)      # the part inside a small stamp
+        self.matrix = np.ascontiguousarray(matrix[inside], dtype=np.float32)
+        self.rows = radial_layout(grid.boxsize)[1][pixels]
 
     def apply(self, major, start: int, stop: int) -> None:
         """Correct the rows `major` of the unique models ``start:stop``."""

@@ -150,6 +150,9 @@ class CoreStore:
         """Cores of the unique models ``start:stop`` (float32)."""
         if self.cores is not None:
             return np.asarray(self.cores[start:stop])
+        kept = self._rendered.get(start)          # this slice for an earlier PSF (MPI ranks' slices)
+        if kept is not None and len(kept) == stop - start:
+            return kept
         par = self.grid.parameters(self.representatives[start:stop])
         cores = render_cores(par["INDEX"], par["AX_RATIO"], par["ANGLE"], 10.0 ** par["LOGR"]).astype(np.float32)
         self._rendered[start] = cores
@@ -177,8 +180,10 @@ class CoreStore:
             tmp.unlink(missing_ok=True)
 
 
-def core_pixels(h: int, boxsize: int) -> np.ndarray:
-    """Flat stamp indices of the (2h + 1)^2 pixels around the model centre, row-major."""
+def core_pixels(h: int, boxsize: int) -> tuple:
+    """``(pixels, inside)``: flat stamp indices of those of the (2h + 1)^2 pixels around the model
+    centre (row-major) that lie in the stamp, and which of the (2h + 1)^2 they are."""
     c = boxsize // 2
-    y, x = np.mgrid[c - h:c + h + 1, c - h:c + h + 1]
-    return (y * boxsize + x).ravel()
+    y, x = (a.ravel() for a in np.mgrid[c - h:c + h + 1, c - h:c + h + 1])
+    inside = (y >= 0) & (y < boxsize) & (x >= 0) & (x < boxsize)
+    return (y * boxsize + x)[inside], inside
