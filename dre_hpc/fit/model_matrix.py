@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from ..errors import DreError
 from ..models.convolve import ALGORITHM_VERSION, convolve_cube, psf_digest, remove_pixel_response
@@ -334,13 +335,33 @@ class CoreCorrection:
     def __init__(self, grid, effective, used, store):
         self.store = store
         matrix, h = correction_matrix(effective, used)
-        pixels, inside = core_pixels(h, grid.boxsize)      # the part inside a small stamp
-        self.matrix = np.ascontiguousarray(matrix[inside], dtype=np.float32)
-        self.rows = radial_layout(grid.boxsize)[1][pixels]
+        self.pixels, inside = core_pixels(h, grid.boxsize)      # the part inside a small stamp
+        self.matrix = np.ascontiguousarray(matrix[inside])
+        self.rows = radial_layout(grid.boxsize)[1][self.pixels]
+
+    def corrections(self, cores) -> np.ndarray:
+        """(N, pixels) float32 corrections of the cores (N, F * F): summed in float64 on one BLAS
+        thread, so that every process (whatever its thread count or batch) gets the same bits."""
+        with threadpool_limits(limits=1, user_api="blas"):
+            return (np.asarray(cores, dtype=np.float64) @ self.matrix.T).astype(np.float32)
 
     def apply(self, major, start: int, stop: int) -> None:
         """Correct the rows `major` of the unique models ``start:stop``."""
-        major[:, self.rows] += self.store.get(start, stop) @ self.matrix.T
+        major[:, self.rows] += self.corrections(self.store.get(start, stop))
+
+
+def convolved_stamps(grid, stamps, flat_cells, psf, psf_has_pixel=True) -> np.ndarray:
+    """(N, B, B) float32: the cells `flat_cells` of `grid` (their `stamps`, N x B x B) convolved
+    with `psf` as `NodeModels` convolves them (the pixel response removed, the cores corrected),
+    for a few models without convolving the whole cube (the report's gallery)."""
+    used = remove_pixel_response(psf) if psf_has_pixel else psf
+    out = convolve_cube(stamps, used)
+    if psf_has_pixel and grid.renderer:
+        correction = CoreCorrection(grid, psf, used, CoreStore(grid))
+        flat = out.reshape(len(out), -1)
+        flat[:, correction.pixels] += correction.corrections(
+            correction.store.take(grid.unique_models()[1][np.asarray(flat_cells)]))
+    return out
 
 
 class ArrayStamps:

@@ -158,6 +158,14 @@ class CoreStore:
         self._rendered[start] = cores
         return cores
 
+    def take(self, unique_indices) -> np.ndarray:
+        """Cores of any unique models (float32): from `cores_file` when it is there, else rendered."""
+        unique_indices = np.asarray(unique_indices, dtype=np.int64)
+        if self.cores is not None:
+            return np.asarray(self.cores[unique_indices])
+        par = self.grid.parameters(self.representatives[unique_indices])
+        return render_cores(par["INDEX"], par["AX_RATIO"], par["ANGLE"], 10.0 ** par["LOGR"]).astype(np.float32)
+
     def save(self) -> None:
         """When the rendered cores cover every model: keep them (the next PSF's convolution
         reads them) and write them to `cores_file` (temporary name, then renamed; a failure only

@@ -2,7 +2,8 @@
 
 Each object's model is redone as the fit made it, for that object only: its best cell's unique stamp
 is read from the memory-mapped cube file (64 kB, not the 165 MB cube), convolved with its extension's
-PSF (`convolve_cube`; pixel response removed when ``fit.psf_pixel`` is ``included``) and scaled by
+PSF as the fit convolved it (`model_matrix.convolved_stamps`: pixel response removed and the
+cores computed without aliasing when ``fit.psf_pixel`` is ``included``) and scaled by
 the cell's amplitude as the fit sets it, so that its chi-square is the catalogue's CHI2 (FLUX is
 interpolated between cells: FLUX x this stamp fits worse, by up to tens of per cent in chi-square).
 The cutouts go through the fit's own preparation (`engine.prepare_cutouts`), so data, rms and mask are
@@ -24,11 +25,11 @@ from ..batch.prep_job import tile_products
 from ..batch.rundir import RunDir
 from ..errors import DreError
 from ..fit.engine import prepare_cutouts, poisson_weights
+from ..fit.model_matrix import convolved_stamps
 from ..fit.units import psf_index
 from ..io.catalog import offsets_from_catalog, read_catalog
 from ..io.cuts import CutoutSet, read_cuts
 from ..io.fits_check import check_fits
-from ..models.convolve import convolve_cube, remove_pixel_response
 from ..models.cube_io import first_image_hdu, grid_header, match_shape
 from ..models.grid import ModelGrid
 from ..models.psf import read_psf
@@ -188,14 +189,13 @@ def _tile_mosaics(rundir, tile, wanted, members, cube, options, fit, notes) -> d
     ext = np.array([int(c.objects["EXT_NUMBER"][0]) for c in cuts])
     for value in np.unique(ext):
         psf = read_psf(products["psf"], ext_number=psf_index(value))
-        if fit["psf_pixel"] == "included":
-            psf = remove_pixel_response(psf)
         picked = np.flatnonzero(ext == value)
         which = [drawn[k] for k in picked]
         cells = np.ravel_multi_index(wanted["MODEL_IDX"][which].T, cube.grid.shape)
         batch = CutoutSet(*(np.concatenate([getattr(cuts[k], a) for k in picked])
                             for a in ("data", "mask", "rms", "objects")))
-        mosaics = _mosaics(batch, convolve_cube(cube.stamps(cells), psf), wanted["FLUX"][which], options)
+        stamps = convolved_stamps(cube.grid, cube.stamps(cells), cells, psf, fit["psf_pixel"] == "included")
+        mosaics = _mosaics(batch, stamps, wanted["FLUX"][which], options)
         out.update(zip(which, mosaics))
     return out
 
