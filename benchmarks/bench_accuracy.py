@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from astropy.table import Table  # noqa: E402
 import accuracy_imfit as aim  # noqa: E402
 import accuracy_scoring as sc  # noqa: E402
 from accuracy_sim import simulate, tile_populations  # noqa: E402
+
+from dre_hpc.fit.tiles import FIT_LOG  # noqa: E402
 
 MARGIN = 80
 MATCH_RADIUS = 2.0
@@ -73,7 +74,7 @@ FIT_COLUMNS = {"radius": ("LOGR_FIT", "log10", "LOGR_FIT", "LOGR_FIT_ERR"),
 UNITS = {"radius": "r_fit/r_true - 1 (major-axis r_e)", "flux": "F_fit/F_true - 1",
          "b/a": "q_fit - q_true", "n": "log10(n_fit/n_true)",
          "angle": "degrees, wrapped to [-90, 90), true b/a < 0.7; outlier: > 45 deg"}
-FIT_LINE = re.compile(r": (\d+) objects fitted in ([0-9.]+) s")
+
 
 
 def parse_args(argv=None):
@@ -162,9 +163,9 @@ def workflow(args, cmds, work: Path, cubes: list) -> dict:
         wall, err = run([cmds["dre"], "-m", cube, "-i", d["Cuts"], "--psf", d["PSF"], "-o", str(out),
                          "--chi", str(work / f"Chi_{cube}"), "--catalogs", d["Sextracted"],
                          "--compression", "none", "--cpu", str(args.cpu)], f"dre -m {cube}")
-        fits_ = [(int(n), float(s)) for n, s in FIT_LINE.findall(err)]
-        timing[cube] = {"wall_s": wall, "objects": sum(n for n, _ in fits_), "fit_s": sum(s for _, s in fits_),
-                        "cpu": args.cpu}
+        fits_ = [(int(n), float(s), float(m)) for n, s, m in FIT_LOG.findall(err)]
+        timing[cube] = {"wall_s": wall, "objects": sum(f[0] for f in fits_), "fit_s": sum(f[1] - f[2] for f in fits_),
+                        "models_s": sum(f[2] for f in fits_), "cpu": args.cpu}
     return timing
 
 
@@ -323,11 +324,10 @@ def report(args, tiles, truth, scores, extra) -> None:
             print(f"{n}: {scores[n]['flagged']:.1%} of the fitted objects have FLAGS != 0 (scored anyway)")
     if "pyimfit" in extra:
         print(f"pyimfit: {extra['pyimfit']}")
-    print("obj/s/core fit: dre: objects / (fit seconds of its log x --cpu), which include convolving the "
-          "cube with each tile's PSF (one-time, most of it for the sersic cube at this size; "
-          "benchmarks/bench_fit.py measures the fit alone); pyimfit: objects / summed L-M seconds (one "
-          "thread per fit). all: objects / (wall x cores) of the whole dre command (cube load included), "
-          "of the PyImfit stage (its flux-error Jacobian included)")
+    print("obj/s/core fit: dre: objects / (fit seconds of its log, less the time it took to convolve or "
+          "map the models for each tile's PSF, x --cpu); pyimfit: objects / summed L-M seconds (one "
+          "thread per fit). all: objects / (wall x cores) of the whole dre command (cube load and "
+          "convolutions included), of the PyImfit stage (its flux-error Jacobian included)")
     if args.json:
         doc = {"seed": args.seed, "quick": args.quick, "tiles": [t["name"] for t in tiles],
                "populations": [repr(t["pop"]) for t in tiles], "bins": [list(b) for b in sc.SNR_BINS],

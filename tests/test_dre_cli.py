@@ -248,20 +248,28 @@ def test_chi_files_are_the_same_bytes_every_time(tmp_path, compression):
     assert digests[0] == digests[1]
 
 
-def test_model_cache_is_mapped_on_the_next_run(runs, workdir, default_cube_file, tmp_path, monkeypatch):
+def test_model_cache_is_mapped_on_the_next_run(runs, workdir, default_cube_file, tmp_path, monkeypatch, caplog):
     """--model-cache DIR: the first run convolves and writes the entry, the next one maps it
     without convolving (or reading the cube's stamps), and both give the catalogue and chi
-    values of a run without the cache."""
+    values of a run without the cache; the log says how long the models took, as benchmarks read it."""
     from dre_hpc.fit.model_matrix import NodeModels
+    from dre_hpc.fit.tiles import FIT_LOG
     cache = tmp_path / "models"
     monkeypatch.chdir(workdir)
     convolved = []
     original = NodeModels._convolve
     monkeypatch.setattr(NodeModels, "_convolve", lambda self, *psfs: convolved.append(1) or original(self, *psfs))
+    seconds = []
     for k in (1, 2):
-        assert run(["-m", default_cube_file, "--psf", "PSF", "-i", "CutsDRE", "-o", tmp_path / f"Summary{k}",
-                    "--chi", tmp_path / f"Chi{k}", "--compression", "none", "--model-cache", cache]) == 0
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert run(["-m", default_cube_file, "--psf", "PSF", "-i", "CutsDRE", "-o", tmp_path / f"Summary{k}",
+                        "--chi", tmp_path / f"Chi{k}", "--compression", "none", "--model-cache", cache]) == 0
         assert len(convolved) == 1, f"run {k} convolved {len(convolved)} time(s) in all"
+        (objects, fit_s, models_s), = FIT_LOG.findall(caplog.text)   # what the benchmarks read
+        assert int(objects) == N and 0 <= float(models_s) <= float(fit_s)
+        seconds.append(float(models_s))
+    assert seconds[0] > 0 and seconds[1] < seconds[0] / 2            # mapped, not convolved
     assert len(list(cache.glob("models-*/models.npy"))) == 1
     reference = summary(workdir, "SummaryDRE")
     for k in (1, 2):

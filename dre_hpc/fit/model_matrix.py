@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,7 @@ class NodeModels:
         self.xp = get_backend(backend, device=comm.local_rank)
         self.digest, self.matrix = None, None
         self.n_convolved = 0                 # convolutions run by this process (cache hits do not count)
+        self.seconds_preparing = 0.0         # spent convolving or mapping the models of new PSFs
 
     def use_cache_dir(self, cache_dir) -> None:
         """Keep and look for convolved models in `cache_dir` (None: no disk cache) from now on."""
@@ -242,6 +244,7 @@ class NodeModels:
             psf = remove_pixel_response(psf)
         digest = psf_digest(psf)
         if digest != self.digest:
+            begin = time.perf_counter()
             entry = self._cache_entry(digest)
             self.matrix = self._map_cached(entry)
             if self.matrix is None:
@@ -251,6 +254,7 @@ class NodeModels:
                 if entry is not None and self.comm.rank == 0:
                     entry.write(self.convolved, self.convolved_sq, self.convolved_major, self.matrix.support)
             self.digest = digest
+            self.seconds_preparing += time.perf_counter() - begin
         return self.matrix
 
     def _fill_pixel_major(self, major, first, tile=128):
