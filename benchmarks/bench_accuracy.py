@@ -76,7 +76,6 @@ UNITS = {"radius": "r_fit/r_true - 1 (major-axis r_e)", "flux": "F_fit/F_true - 
          "angle": "degrees, wrapped to [-90, 90), true b/a < 0.7; outlier: > 45 deg"}
 
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller tiles (1000 px, 110 target galaxies each)")

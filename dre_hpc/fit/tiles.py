@@ -87,8 +87,8 @@ def fit_tile(models: NodeModels, cuts_file: Path, job: TileJob) -> dict:
         write_chi(Path(job.chi_dir) / f"{name}_chi.h5", reader.names, results["SURFACE"], models.grid,
                   job.options.statistic, job.compression)
     rate = n / elapsed if elapsed > 0 else float("inf")
-    log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged; the models for its PSF "
-             "took %.2f s of it", name, n, elapsed, rate,
+    log.info("%s: %d objects fitted in %.2f s (%.1f objects/s), %d flagged; the models for its "
+             "PSF(s) took %.2f s of it", name, n, elapsed, rate,
              int(np.count_nonzero(results.get("FLAGS", []))) if n else 0, preparing)
     return {"name": name, "objects": n, "seconds": elapsed}
 

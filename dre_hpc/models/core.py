@@ -153,9 +153,7 @@ class CoreStore:
         kept = self._rendered.get(start)          # this slice for an earlier PSF (MPI ranks' slices)
         if kept is not None and len(kept) == stop - start:
             return kept
-        par = self.grid.parameters(self.representatives[start:stop])
-        cores = render_cores(par["INDEX"], par["AX_RATIO"], par["ANGLE"], 10.0 ** par["LOGR"]).astype(np.float32)
-        self._rendered[start] = cores
+        cores = self._rendered[start] = self.take(np.arange(start, stop))
         return cores
 
     def take(self, unique_indices) -> np.ndarray:
