@@ -29,12 +29,14 @@ POPULATION = ("--index", "0.5", "6", "--ax-ratio", "0.1", "1.0", "--logr", "0.2"
 
 
 def demo_config(path: Path, objects_per_chunk: int) -> Path:
-    """The demo's run config: the ``sersic`` cube (a free index), the tiles' gain and zero-point
-    (dre-sim defaults), local scheduler."""
+    """The demo's run config: the ``sersic`` cube (a free index), the second pass
+    (``prep.neighbours``), the tiles' gain and zero-point (dre-sim defaults), local scheduler."""
     spec = TileSpec()
     config = {"run": {"name": RUN, "seed": 2026},
               "fit": {"model": "sersic", "gain": spec.gain, "zero_point": spec.zero_point, "batch_size": 64},
               "chunking": {"objects_per_chunk": objects_per_chunk},
+              # the second pass: the neighbours' fitted light out of every cut (`prep_neighbours`)
+              "prep": {"neighbours": True},
               "scheduler": {"name": "local"},
               # room for the sersic models (about 5.4 GB) in the prep job: it convolves them once
               # per tile and every fit chunk of the tile maps them (`fit_job.convolve_for_fits`)

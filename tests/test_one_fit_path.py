@@ -4,7 +4,9 @@ A real run (SExtractor, PSFEx, cuts, 3 fit chunks a tile on the local scheduler)
 two-extension tile (two PSFs) and a plain tile; then ``dre`` on each tile's prep products with the
 run's options. Every column the two catalogues share, and every chi-square surface, must be equal
 bit for bit. The fit jobs load the models that the tile's prep convolved, instead of reading the
-cube and convolving it again; without them a fit job convolves and gets the same numbers.
+cube and convolving it again; without them a fit job convolves and gets the same numbers. The
+run takes the second pass (``prep.neighbours``): its prep fits each tile once and cuts it again
+without the neighbours, as ``make_cuts --neighbours`` does from that fit.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def batch_run(request, tmp_path_factory, sim_tiles, default_cube_file):   # noqa
     settings = yaml.safe_load(config.read_text())
     settings["scheduler"]["max_parallel"] = 1
     settings["resources"]["prep"]["mem_gb"] = 4          # room for the prep to convolve the models
+    settings["prep"] = {"neighbours": True}
     config.write_text(yaml.safe_dump(settings))
     for command in (("setup", config, tiles, "--run-dir", root / "run"), ("run", root / "run"),
                     ("collate", root / "run")):
@@ -86,6 +89,30 @@ def test_dre_and_dre_batch_give_the_same_numbers(batch_run, tile, tmp_path):
         assert sorted(one) == sorted(merged)
         for name in one:
             assert np.array_equal(one[name][()], merged[name][()], equal_nan=True), name
+
+
+@pytest.mark.parametrize("tile", ["mef", "tile_b"])
+def test_the_prep_second_pass_is_make_cuts_neighbours(batch_run, tile, tmp_path):
+    """The prep's second pass: its first fit of every object, and cuts that ``make_cuts
+    --neighbours`` makes from that fit, bit for bit; the done marker records both."""
+    from dre_hpc.cli import make_cuts
+    from dre_hpc.io.cuts import read_cuts
+    from dre_hpc.preprocess.neighbours import BACKGROUND_ERROR
+    base = batch_run.tile_dir(tile)
+    _, prep = batch_run.read_marker("prep", tile)
+    assert prep["neighbours"]["fitted"] == prep["n_objects"] >= 4
+    assert prep["neighbours"]["subtracted"] >= prep["n_objects"] - 1
+    first = Table.read(base / "FirstPass" / f"{tile}_dre.fits")
+    assert len(first) == prep["n_objects"] and np.isfinite(np.asarray(first["FLUX_FIT"], float)).all()
+    image = Path(batch_run.read_manifest()["tiles"][["mef", "tile_b"].index(tile)]["image"])
+    (tmp_path / "Tiles").mkdir()
+    (tmp_path / "Tiles" / f"{tile}.fits").symlink_to(image)
+    assert make_cuts.main(["-i", str(tmp_path / "Tiles"), "-s", str(base / "Sextracted"), "-o", str(tmp_path / "Cuts"),
+                           "--neighbours", str(base / "FirstPass"), "--psf", str(base / "PSF")]) == 0
+    ours, theirs = (read_cuts(p / f"{tile}_cuts.h5") for p in (tmp_path / "Cuts", base / "Cuts"))
+    assert np.array_equal(ours.data, theirs.data) and np.array_equal(ours.mask, theirs.mask)
+    assert np.all(theirs.objects["BACK_ERR"] == BACKGROUND_ERROR)
+    assert f"tiles/{tile}/Cuts/{tile}_cuts.h5" in prep["outputs"]
 
 
 def test_fit_jobs_load_the_models_convolved_by_the_prep(batch_run):

@@ -119,6 +119,9 @@ TABLE = {
         "filters": Key([], "filters", "catalogue cuts, a list of [PARAM, MIN, MAX]"),
         "layout": Key("stacked", "str", "cuts layout", choices=("stacked", "dre")),
         "compression": Key("none", "str", "cuts compression", choices=("none", "low", "medium", "high")),
+        "neighbours": Key(False, "bool", "second pass: fit the tile once in the prep, then cut it again "
+                          "with the neighbours' models subtracted and the background estimated again "
+                          "(make_cuts --neighbours)"),
     },
     "chunking": {
         "objects_per_chunk": Key(1000, "int", "objects per fit job (default when neither is set), "

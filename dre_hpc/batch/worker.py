@@ -35,6 +35,7 @@ from .chunk_fit import RETRYABLE_EXIT, ChunkInterrupted, StopSignals
 from .comm import SerialComm, open_comm
 from .fit_job import convolve_for_fits, remove_chunk_outputs, run_fit
 from .prep_job import run_prep
+from .prep_neighbours import second_pass
 from .rundir import NUMBA_CACHE, RunDir, Tile, mask_world_writable, utc_now
 from .submit import submit_tile_fits
 
@@ -96,6 +97,8 @@ def prep_work(rundir: RunDir, tile: Tile, k, comm, stop) -> dict:
     done = run_prep(rundir, config, tile, _manifest_chunks(rundir, tile))
     # the fits' models, convolved once for the tile here rather than by each fit job
     done["models"] = convolve_for_fits(rundir, config, tile) if done["n_objects"] else {"skipped": "no object"}
+    if config["prep"]["neighbours"] and done["n_objects"]:
+        done["neighbours"] = second_pass(rundir, config, tile, done)
     return done
 
 

@@ -9,7 +9,7 @@ import warnings
 from ..errors import InputError
 from ..flags import CutFlag
 from ..io.cuts import COMPRESSION
-from ..preprocess.cut_tiles import cut_all_tiles
+from ..preprocess.cut_tiles import NeighbourOptions, cut_all_tiles
 from ..preprocess.cuts import CutsOptions
 from .common import run_main
 
@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", choices=("grown", "original"), default="grown",
                    help="fit mask: the segment grown by 12 pixels without the neighbours' segments "
                         "(default), or the original's, grown by 4 pixels into them")
+    p.add_argument("--neighbours", metavar="SUMMARY_DIR", help="second pass: cut with the neighbours' "
+                   "models subtracted, from the first pass's fits (SUMMARY_DIR/<img>_dre.fits, dre -o), and the "
+                   "background estimated again without them")
+    p.add_argument("--psf", default="PSF", help="with --neighbours: the PSF the first pass was fitted with "
+                   "(dre --psf: a directory with <img>.psf, or one file; default: PSF)")
+    p.add_argument("--psf-pixel", choices=("included", "excluded"), default="included",
+                   help="with --neighbours: dre's --psf-pixel of the first pass (default: included)")
     p.add_argument("--warn", action="store_true", help="show numerical and FITS warnings")
     return p
 
@@ -63,7 +70,10 @@ def drive(argv=None) -> int:
     options = CutsOptions(margin=args.margin, max_stellarity=args.max_stellarity, filters=tuple(filters),
                           centroids=args.centroids, layout=args.layout, compression=args.compression,
                           mask=args.mask)
-    reports, failures = cut_all_tiles(args.input, args.sextracted, args.output, options)
+    neighbours = None
+    if args.neighbours is not None:
+        neighbours = NeighbourOptions(args.neighbours, args.psf, args.psf_pixel == "included")
+    reports, failures = cut_all_tiles(args.input, args.sextracted, args.output, options, neighbours)
     total = sum(r["cut"] for r in reports)
     log.info("done: %d cutouts from %d tile(s) into %s%s", total, len(reports), args.output,
              f"; {len(failures)} tile(s) FAILED: " + ", ".join(str(f) for f, _ in failures) if failures else "")

@@ -288,8 +288,8 @@ def _fit_group(mm, grp, options, shrink):
 class _Windows:
     """Per object of a batch (host arrays): the sub-grid window's centre and products (`subgrid`)."""
 
-    def __init__(self, grid, n_obj, shrink):
-        self.grid, self.shrink = grid, shrink
+    def __init__(self, grid, n_obj, shrink, back_err=None):
+        self.grid, self.shrink, self.back_err = grid, shrink, back_err
         d, c = len(refined_axes(grid)), 3 ** len(refined_axes(grid))
         self.centre = np.zeros((n_obj, d), dtype=np.int64)
         self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
@@ -320,8 +320,17 @@ class _Windows:
 
     def background(self, rows):
         """``(u, sum w, variance of the background level, sum w d)`` of the objects `rows` (`refine`)."""
-        return (self.u[rows], self.w_sum[rows], background_variance(self.w_sum[rows], self.npix[rows]),
+        back_err = None if self.back_err is None else self.back_err[rows]
+        return (self.u[rows], self.w_sum[rows], background_variance(self.w_sum[rows], self.npix[rows], back_err),
                 self.wd_sum[rows])
+
+
+def _back_err(cuts):
+    """The cuts' ``BACK_ERR`` (the uncertainty of their background level), None where they have none."""
+    objects = getattr(cuts, "objects", None)
+    if objects is None or "BACK_ERR" not in (objects.dtype.names or ()):
+        return None
+    return np.asarray(objects["BACK_ERR"], float)
 
 
 def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
@@ -343,7 +352,7 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
     if same_surface:
         out[5] = out[4]
     npix = np.zeros(n_obj, dtype=np.int64)
-    windows = _Windows(mm.grid, n_obj, shrink) if options.statistic == "wls" else None
+    windows = _Windows(mm.grid, n_obj, shrink, _back_err(cuts)) if options.statistic == "wls" else None
     for index in product_groups(extent, k):
         n = max(int(extent[index].max()), 1)
         grp = prepare_group(xp, mm, clean, index, n, centre, options.min_pixels)

@@ -311,7 +311,7 @@ class NodeModels:
             np.empty((CONVOLVE_BLOCK, self.shape[0]), np.float32)
         if self.corrects_cores and self._cores is None:
             self._cores = CoreStore(self.grid)
-        cores = CoreCorrection(self.grid, effective, psf, self._cores) if self.corrects_cores else None
+        cores = CoreCorrection(self.grid.boxsize, effective, psf, self._cores) if self.corrects_cores else None
         for start in range(lo, hi, CONVOLVE_BLOCK):
             stop = min(start + CONVOLVE_BLOCK, hi)
             # each model's pixels in radial order, straight from the transform: model-major rows
@@ -334,14 +334,15 @@ class NodeModels:
 class CoreCorrection:
     """Adds each model's core computed without aliasing (`models.core`) to its convolved
     model-major row, for one PSF: `effective` (with the pixel response) and `used` (without,
-    what the stamps were convolved with); the cores come from `store` (a `CoreStore`)."""
+    what the stamps were convolved with); the cores come from `store` (a `CoreStore`; None when
+    they are given to `corrections`)."""
 
-    def __init__(self, grid, effective, used, store):
+    def __init__(self, boxsize, effective, used, store):
         self.store = store
         matrix, h = correction_matrix(effective, used)
-        self.pixels, inside = core_pixels(h, grid.boxsize)      # the part inside a small stamp
+        self.pixels, inside = core_pixels(h, boxsize)      # the part inside a small stamp
         self.matrix = np.ascontiguousarray(matrix[inside])
-        self.rows = radial_layout(grid.boxsize)[1][self.pixels]
+        self.rows = radial_layout(boxsize)[1][self.pixels]
 
     def corrections(self, cores) -> np.ndarray:
         """(N, pixels) float32 corrections of the cores (N, F * F): summed in float64 on one BLAS
@@ -358,13 +359,22 @@ def convolved_stamps(grid, stamps, flat_cells, psf, psf_has_pixel=True) -> np.nd
     """(N, B, B) float32: the cells `flat_cells` of `grid` (their `stamps`, N x B x B) convolved
     with `psf` as `NodeModels` convolves them (the pixel response removed, the cores corrected),
     for a few models without convolving the whole cube (the report's gallery)."""
+    cores = None
+    if psf_has_pixel and grid.renderer:
+        cores = CoreStore(grid).take(grid.unique_models()[1][np.asarray(flat_cells)])
+    return convolve_models(stamps, cores, psf, psf_has_pixel)
+
+
+def convolve_models(stamps, cores, psf, psf_has_pixel=True) -> np.ndarray:
+    """(N, B, B) float32: model `stamps` convolved with `psf` as the fit's models are: without the
+    pixel response when the PSF holds it, and then with the `cores` (`models.core.render_cores`
+    of the same models; None: no correction) computed without aliasing."""
     used = remove_pixel_response(psf) if psf_has_pixel else psf
     out = convolve_cube(stamps, used)
-    if psf_has_pixel and grid.renderer:
-        correction = CoreCorrection(grid, psf, used, CoreStore(grid))
+    if psf_has_pixel and cores is not None:
+        correction = CoreCorrection(out.shape[-1], psf, used, None)
         flat = out.reshape(len(out), -1)
-        flat[:, correction.pixels] += correction.corrections(
-            correction.store.take(grid.unique_models()[1][np.asarray(flat_cells)]))
+        flat[:, correction.pixels] += correction.corrections(cores)
     return out
 
 

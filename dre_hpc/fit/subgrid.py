@@ -15,8 +15,9 @@ Delta chi2 = 1 ellipsoid), scaled by the reduced chi-square where that exceeds 1
 the sub-pixel centring's variance factor: the resampled pixels' noise is correlated, and the
 chi-square, which takes their (smaller) variances as independent, overstates the information by
 that factor. The sky background's level is not known exactly either: a constant level c under the
-model (``a m(t) + c``, with a Gaussian prior of `BACKGROUND_ERROR` times the pixel noise on c) is
-fitted with the rest and profiled out, which only changes the products (`_sky_profiled`, from
+model (``a m(t) + c``, with a Gaussian prior on c of the cut's ``BACK_ERR``, else
+`BACKGROUND_ERROR`, times the pixel noise) is fitted with the rest and profiled out, which
+only changes the products (`_sky_profiled`, from
 ``u = M^T w`` and ``sum w d``). Fitted, it takes back the flux and radius that a background map
 set too high takes from extended galaxies; its uncertainty makes their errors grow (a raised sky
 mimics their wings), and the prior keeps that degeneracy bounded. Where the surface so flattened
@@ -80,14 +81,18 @@ SYSTEMATIC = {"LOGR": 0.005, "AX_RATIO": 0.0035, "ANGLE": 0.46, "INDEX": 0.016, 
 #: map holds. On the accuracy benchmark SExtractor's map (BACK_SIZE 128; 256 and 512 give the
 #: same) lies 0.08 sigma (median) above the true sky at the S/N > 50, n > 3 galaxies, which lose
 #: 2-4 % of their flux to it in both fitters (with the true sky: +1.5 %, neighbours' light).
+#: Cuts whose background is known better say so (``BACK_ERR``: ``make_cuts --neighbours``).
 BACKGROUND_ERROR = 0.09
 
 
-def background_variance(w_sum, npix):
+def background_variance(w_sum, npix, error=None):
     """Variance of the background level of objects with ``sum w`` and ``npix`` usable pixels:
-    `BACKGROUND_ERROR` squared times their mean pixel variance (``npix / sum w``)."""
+    `error` (one per object, their cuts' ``BACK_ERR``; `BACKGROUND_ERROR` where None or NaN)
+    squared times their mean pixel variance (``npix / sum w``)."""
+    error = np.full(np.shape(w_sum), BACKGROUND_ERROR) if error is None else np.asarray(error, float)
+    error = np.where(np.isfinite(error), error, BACKGROUND_ERROR)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(w_sum > 0, BACKGROUND_ERROR ** 2 * np.asarray(npix, float) / w_sum, 0.0)
+        return np.where(w_sum > 0, error ** 2 * np.asarray(npix, float) / w_sum, 0.0)
 
 
 def periodic(axis) -> bool:

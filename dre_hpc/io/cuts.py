@@ -7,8 +7,10 @@
 datasets ``data`` (N, B, B) float32, ``mask`` (N, B, B) bool, ``rms`` (N, B, B) float32, and the
 table ``objects`` (N,) with fields ``NUMBER``, ``EXT_NUMBER``, ``X_IMAGE``, ``Y_IMAGE`` (catalogue
 position, FITS 1-based), ``X0``, ``Y0`` (0-based image pixel of cut pixel [0, 0]), ``DX``, ``DY``
-(object centre minus the model centre ``[B//2, B//2]`` in cut pixels; NaN when unknown) and
-``CUT_FLAGS`` (integrity bits from make_cuts).
+(object centre minus the model centre ``[B//2, B//2]`` in cut pixels; NaN when unknown),
+``CUT_FLAGS`` (integrity bits from make_cuts) and ``BACK_ERR`` (the uncertainty of the cut's
+background level in units of its pixels' noise, where make_cuts knows it better than the fit's
+default: ``--neighbours``; NaN otherwise, and in files written before the field existed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ..errors import CutsFormatError, InputError
 
 STACKED_LAYOUT = "dre_hpc-stacked"
 OBJECT_FIELDS = [("NUMBER", "i8"), ("EXT_NUMBER", "i4"), ("X_IMAGE", "f8"), ("Y_IMAGE", "f8"),
-                 ("X0", "i8"), ("Y0", "i8"), ("DX", "f8"), ("DY", "f8"), ("CUT_FLAGS", "i8")]
+                 ("X0", "i8"), ("Y0", "i8"), ("DX", "f8"), ("DY", "f8"), ("CUT_FLAGS", "i8"),
+                 ("BACK_ERR", "f8")]
 #: Most bytes one `read_cuts` call allocates (data + mask + rms); read a larger file in parts
 #: (``start``/``stop``). A header that claims more is refused before anything is read.
 MAX_READ_BYTES = 64 * 2**30
@@ -66,7 +69,7 @@ def object_name(ext_number, number) -> str:
 
 def empty_objects(n: int) -> np.ndarray:
     table = np.zeros(n, dtype=OBJECT_FIELDS)
-    table["DX"] = table["DY"] = np.nan
+    table["DX"] = table["DY"] = table["BACK_ERR"] = np.nan
     return table
 
 

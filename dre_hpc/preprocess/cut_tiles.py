@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,10 @@ from ..errors import InputError
 from ..flags import CutFlag
 from ..io.catalog import read_catalog
 from ..io.cuts import write_cuts
+from ..models.psf import psf_path_for_image
 from .cuts import CutsOptions, TileImages, cut_objects, ext_numbers, select_objects
 from .layout import for_each_tile, list_tile_images, sextracted_files, tile_name
+from .neighbours import subtract_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,35 @@ def tile_inputs(image, sextracted_dir) -> dict:
     return paths
 
 
-def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions, maps=None) -> dict:
+@dataclass(frozen=True)
+class NeighbourOptions:
+    """A second pass (`neighbours`): the first fit's summaries (``<summaries>/<img>_dre.fits``), the
+    PSF they were fitted with (``dre --psf``: a file, or a directory of ``<img>.psf``) and
+    whether it holds the pixel response (``dre --psf-pixel``)."""
+
+    summaries: str
+    psf: str = "PSF"
+    psf_has_pixel: bool = True
+
+    def inputs(self, name: str) -> tuple:
+        """The tile's first-pass summary and PSF files; an error naming a missing one."""
+        summary = Path(self.summaries) / f"{name}_dre.fits"
+        if not summary.is_file():
+            raise InputError(f"--neighbours: {summary} does not exist (the first pass's fit of tile {name}); "
+                             f"run dre on the tile's cuts with -o {self.summaries} first")
+        return summary, psf_path_for_image(self.psf, name)
+
+
+def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions, maps=None, neighbours=None) -> dict:
     """Cut one tile; write ``<output>/<img>_cuts.h5`` and its JSON report; return the report.
 
     `maps`: ``{"weight": path, "flags": path}`` (either may be None): pixels whose weight is not
-    a positive finite number, or whose flag is not 0, are left out of every object's mask."""
+    a positive finite number, or whose flag is not 0, are left out of every object's mask.
+    `neighbours`: a `NeighbourOptions` to cut with the first fit's models of the neighbours
+    subtracted (`neighbours.subtract_neighbours`)."""
     start = time.perf_counter()
     paths = tile_inputs(image, sextracted_dir)
+    second = neighbours.inputs(tile_name(image)) if neighbours is not None else None
     extra = {role: Path(p) for role, p in (maps or {}).items() if p is not None}
     table = read_catalog(paths["cat"])
     for column in ("X_IMAGE", "Y_IMAGE"):
@@ -55,6 +79,8 @@ def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions, maps=None)
     try:
         selection = select_objects(table, images.shapes(ext_numbers(table)), options)
         cuts = cut_objects(table, selection.rows, images, options)
+        if second is not None:
+            second = subtract_neighbours(cuts, images, *second, neighbours.psf_has_pixel)
     finally:
         images.close()
     output = Path(output_dir)
@@ -65,6 +91,8 @@ def cut_tile(image, sextracted_dir, output_dir, options: CutsOptions, maps=None)
     report = integrity_report(name, {**paths, **extra}, table, selection, cuts, options,
                               time.perf_counter() - start)
     report["cuts_file"] = str(cuts_path)
+    if second is not None:
+        report["neighbours"] = second
     _write_json(output / f"{name}_cuts.json", report)
     return report
 
@@ -95,10 +123,11 @@ def _write_json(path: Path, content: dict) -> None:
     tmp.replace(path)
 
 
-def cut_all_tiles(tiles_dir, sextracted_dir, output_dir, options: CutsOptions) -> tuple:
+def cut_all_tiles(tiles_dir, sextracted_dir, output_dir, options: CutsOptions, neighbours=None) -> tuple:
     """Cut every tile; returns (reports, failed) where failed are ``(image, message)``."""
     return for_each_tile(list_tile_images(tiles_dir),
-                         lambda image: cut_tile(image, sextracted_dir, output_dir, options), _describe, log)
+                         lambda image: cut_tile(image, sextracted_dir, output_dir, options, neighbours=neighbours),
+                         _describe, log)
 
 
 def _describe(image, report) -> str:
