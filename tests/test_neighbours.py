@@ -161,3 +161,13 @@ def test_cli_second_pass_errors_name_the_missing_input(crowded, caplog):
     assert cli.main(base + ["--neighbours", str(root / "Summary")]) == 1
     assert "tile_dre.fits has no column(s) INDEX_FIT, AX_RATIO_FIT" in caplog.text
     assert not (root / "Cuts2" / "tile_cuts.h5").exists()
+
+
+def test_cli_second_pass_in_the_dre_layout_warns_of_its_prior(crowded, caplog):
+    """The original's layout has no BACK_ERR: the cuts are written, and the user told what dre
+    will assume."""
+    root = crowded[0]
+    assert cli.main(["-i", str(root / "Tiles"), "-s", str(root / "Sextracted"), "-o", str(root / "CutsDre"),
+                     "--psf", str(root / "psf.fits"), "--neighbours", str(root / "Summary"), "--layout", "dre"]) == 0
+    assert "that layout stores no BACK_ERR" in caplog.text
+    assert len(read_cuts(root / "CutsDre" / "tile_cuts.h5")) == 3

@@ -73,6 +73,9 @@ def drive(argv=None) -> int:
     neighbours = None
     if args.neighbours is not None:
         neighbours = NeighbourOptions(args.neighbours, args.psf, args.psf_pixel == "included")
+        if options.layout == "dre":
+            log.warning("--neighbours with --layout dre: that layout stores no BACK_ERR, so dre will take "
+                        "SExtractor's background uncertainty (0.09 sigma) for these cuts' sky prior, not 0.03")
     reports, failures = cut_all_tiles(args.input, args.sextracted, args.output, options, neighbours)
     total = sum(r["cut"] for r in reports)
     log.info("done: %d cutouts from %d tile(s) into %s%s", total, len(reports), args.output,

@@ -52,6 +52,8 @@ BACK_FILTERSIZE = 3
 #: once the dispersion settles).
 CLIP_SIGMA = 3.0
 CLIP_ITERATIONS = 20
+#: Zeros around a stamp while it is shifted (`fourier_shift`): 128 + 16 = 144 = 2^4 x 9 pixels.
+SHIFT_PAD = 8
 #: Meshes with less than this fraction of unmasked pixels take their neighbours' values.
 MIN_MESH_FRACTION = 0.5
 
@@ -102,17 +104,19 @@ def object_models(fits: dict, select, psf, psf_has_pixel: bool, boxsize: int) ->
 
 
 def fourier_shift(stamps, dx, dy) -> np.ndarray:
-    """Band-limited shift of each stamp by (dx, dy) pixels (towards +x, +y)."""
-    stamps = np.asarray(stamps, np.float64)
+    """Band-limited shift of each stamp by (dx, dy) pixels (towards +x, +y; less than a pixel or
+    so: `SHIFT_PAD` pixels of zeros around each stamp take what wraps around)."""
+    stamps = np.asarray(stamps, np.float32)
     b = stamps.shape[-1]
-    pad = b // 4                                 # room for the shift's wrap-around
-    padded = np.pad(stamps, ((0, 0), (pad, pad), (pad, pad)))
+    padded = np.pad(stamps, ((0, 0), (SHIFT_PAD, SHIFT_PAD), (SHIFT_PAD, SHIFT_PAD)))
     side = padded.shape[-1]
-    ky = np.fft.fftfreq(side)[None, :, None]
-    kx = np.fft.rfftfreq(side)[None, None, :]
+    dx, dy = np.asarray(dx, float)[:, None], np.asarray(dy, float)[:, None]
+    phase_y = np.exp(-2j * np.pi * np.fft.fftfreq(side)[None, :] * dy).astype(np.complex64)
+    phase_x = np.exp(-2j * np.pi * np.fft.rfftfreq(side)[None, :] * dx).astype(np.complex64)
     spec = scipy.fft.rfft2(padded)
-    spec *= np.exp(-2j * np.pi * (ky * np.asarray(dy)[:, None, None] + kx * np.asarray(dx)[:, None, None]))
-    return scipy.fft.irfft2(spec, s=(side, side))[:, pad:pad + b, pad:pad + b]
+    spec *= phase_y[:, :, None]
+    spec *= phase_x[:, None, :]
+    return scipy.fft.irfft2(spec, s=(side, side))[:, SHIFT_PAD:SHIFT_PAD + b, SHIFT_PAD:SHIFT_PAD + b]
 
 
 def paste(target, stamp, x0: int, y0: int, tx0: int = 0, ty0: int = 0, sign: float = 1.0) -> None:
