@@ -171,3 +171,16 @@ def test_cli_second_pass_in_the_dre_layout_warns_of_its_prior(crowded, caplog):
                      "--psf", str(root / "psf.fits"), "--neighbours", str(root / "Summary"), "--layout", "dre"]) == 0
     assert "that layout stores no BACK_ERR" in caplog.text
     assert len(read_cuts(root / "CutsDre" / "tile_cuts.h5")) == 3
+
+
+def test_models_sit_where_the_first_fit_centred_them(tmp_path):
+    """The cut frame and centre of each fit come from its DX, DY (the centre it used: XWIN_IMAGE
+    with make_cuts --centroids, 0.3 px from X_IMAGE here), else from X_IMAGE, Y_IMAGE."""
+    row = dict(zip(("NUMBER", "X_IMAGE", "Y_IMAGE") + PARAMETERS + ("FLAGS",), OBJECTS[0]))
+    Table([{**row, "DX": -0.4, "DY": -0.2}]).write(tmp_path / "centroids.fits")
+    Table([row]).write(tmp_path / "plain.fits")
+    centroids, plain = (read_fits(tmp_path / f"{name}.fits", 128) for name in ("centroids", "plain"))
+    assert (centroids["x0"][0], centroids["y0"][0]) == (106, 136)          # centre (170.6, 200.8)
+    assert np.allclose([centroids["dx"][0], centroids["dy"][0]], [-0.4, -0.2])
+    assert (plain["x0"][0], plain["y0"][0]) == (cut_start(170.3, 128), cut_start(200.7, 128)) == (106, 136)
+    assert np.allclose([plain["dx"][0], plain["dy"][0]], [170.3 - 1 - 106 - 64, 200.7 - 1 - 136 - 64])

@@ -77,12 +77,21 @@ def read_fits(path, boxsize: int) -> dict:
     usable &= (values["FLUX_FIT"] > 0) & (values["AX_RATIO_FIT"] > 0)
     usable &= (np.asarray(table["FLAGS"], np.int64) & int(UNUSABLE)) == 0
     keep = np.flatnonzero(usable)
-    x, y = np.asarray(table["X_IMAGE"], float)[keep], np.asarray(table["Y_IMAGE"], float)[keep]
-    x0, y0 = cut_start(x, boxsize), cut_start(y, boxsize)
+    frames = [_frame(table, axis, keep, boxsize) for axis in ("X", "Y")]
     return {"ext": ext_numbers(table)[keep], "number": np.asarray(table["NUMBER"], np.int64)[keep],
             **{c: values[c][keep] for c in PARAMETERS},
-            "x0": x0, "y0": y0, "dx": x - 1.0 - x0 - boxsize // 2, "dy": y - 1.0 - y0 - boxsize // 2,
-            "rows": len(table)}
+            "x0": frames[0][0], "y0": frames[1][0], "dx": frames[0][1], "dy": frames[1][1], "rows": len(table)}
+
+
+def _frame(table, axis: str, keep, boxsize: int) -> tuple:
+    """First pixel of each fit's cut and its centre's offset there: from the summary's ``DX``
+    (the centre the fit used: ``X_IMAGE``, or ``XWIN_IMAGE`` with ``make_cuts --centroids``),
+    which lies within a pixel of the catalogue's ``X_IMAGE``; from ``X_IMAGE`` where it has none."""
+    position = np.asarray(table[f"{axis}_IMAGE"], float)[keep]
+    offset = np.asarray(table[f"D{axis}"], float)[keep] if f"D{axis}" in table.colnames else np.full(keep.size, np.nan)
+    start = np.where(np.isfinite(offset), np.rint(position - 1.0 - boxsize // 2 - np.nan_to_num(offset)),
+                     cut_start(position, boxsize)).astype(np.int64)
+    return start, np.where(np.isfinite(offset), offset, position - 1.0 - start - boxsize // 2)
 
 
 def object_models(fits: dict, select, psf, psf_has_pixel: bool, boxsize: int) -> np.ndarray:
