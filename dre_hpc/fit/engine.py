@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import DreError
 from ..flags import UNFITTED, CutFlag, FitFlag
+from .angle import polish
 from .backend import to_host
 from .centering import LANCZOS_ORDER, centre_cutouts, shift_nearest, variance_factor
 from .chi2 import amplitude_error, dre_chi_one, recheck_wls, wls_chi2
@@ -295,11 +296,14 @@ class _Windows:
         self.b, self.gram, self.c_total = np.zeros((n_obj, c)), np.zeros((n_obj, c, c)), np.zeros(n_obj)
         self.u, self.w_sum, self.npix = np.zeros((n_obj, c)), np.zeros(n_obj), np.zeros(n_obj)
         self.wd_sum = np.zeros(n_obj)
+        self.columns = None                  # `refine`'s columns, filled group by group
 
-    def add(self, xp, mm, grp, best_unique):
-        """The windows around the best models of a fitted group."""
+    def add(self, xp, mm, grp, fitted):
+        """The windows around the best models of a fitted group (`fitted`: `_fit_group`'s), their
+        sub-grid refinement and its angle by cubic interpolation (`angle.polish`)."""
         if not self.centre.shape[1]:
             return
+        best_unique = to_host(fitted[0])
         idx = np.stack(np.unravel_index(mm.representatives[best_unique], self.grid.shape), axis=1)
         cells, self.centre[grp.index] = window(self.grid, idx)
         usable = to_host(grp.w > 0)
@@ -313,6 +317,22 @@ class _Windows:
         wd = w * grp.d
         self.c_total[grp.index], self.wd_sum[grp.index] = to_host((wd * grp.d).sum(axis=1)), to_host(wd.sum(axis=1))
         self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), grp.npix
+        self._refine(xp, mm, grp, best_unique, fitted, usable.shape[1] - np.argmax(usable[:, ::-1], axis=1))
+
+    def _refine(self, xp, mm, grp, best_unique, fitted, extent):
+        rows = np.asarray(grp.index)
+        best_full = mm.representatives[best_unique].astype(np.int64)
+        state, background = {}, self.background(rows)
+        reduced = to_host(fitted[1]) / _dof(self.grid, grp.npix)
+        out = refine(self.grid, self.grid.parameters(best_full), best_full, *self.rows(rows), to_host(fitted[2]),
+                     to_host(fitted[3]), reduced, background, state)
+        polished, angles = polish(xp, mm, grp, self.grid, self.centre[rows], state, background,
+                                  self.c_total[rows], extent)
+        out["ANGLE_FIT"][polished] = angles
+        if self.columns is None:
+            self.columns = {k: np.zeros(len(self.c_total), v.dtype) for k, v in out.items()}
+        for k, v in out.items():
+            self.columns[k][rows] = v
 
     def rows(self, rows):
         """centre, b, gram, c_total and the centring's variance factor of the objects `rows`."""
@@ -363,7 +383,7 @@ def fit_statistic(mm: ModelMatrix, cuts, options: FitOptions):
             if not (same_surface and i == 5):
                 out[i][rows] = value
         if windows is not None:
-            windows.add(xp, mm, grp, to_host(fitted[0]))
+            windows.add(xp, mm, grp, fitted)
     flags |= np.where(npix < options.min_pixels, int(FitFlag.FEW_PIXELS), 0)
     return (*out, npix, flags, windows)
 
@@ -433,6 +453,8 @@ def _refined(mm, fitted) -> dict:
         out = {name + suffix: np.full(n, np.nan) for name in FIT_COLUMNS for suffix in ("", "_ERR")}
         out["FLAGS"] = np.zeros(n, dtype=np.int64)
         return out
+    if windows.columns is not None:          # refined group by group (`_Windows.add`)
+        return dict(windows.columns)
     best_full = mm.representatives[to_host(best)].astype(np.int64)
     reduced = to_host(chi2_best) / _dof(mm.grid, npix)
     return refine(mm.grid, mm.grid.parameters(best_full), best_full, *windows.rows(slice(None)),
