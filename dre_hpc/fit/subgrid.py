@@ -26,6 +26,9 @@ level, which then enters only their errors (`_with_background`). A
 systematic error (`SYSTEMATIC`, measured on the accuracy benchmark) is added in quadrature: at
 high S/N the model's own limits (PSF, neighbours) dominate.
 
+The angle found here is then interpolated cubically (`angle`, in `engine._Windows.add`); its
+error stays this one.
+
 Interpolating the models, not the chi-square, matters: on the accuracy benchmark's S/N 100-1000
 galaxies (``sersic`` cube) a quadratic of the chi-square surface left a radius dispersion of 0.097
 and n of 0.078 dex; interpolated models give 0.048 and 0.034 (PyImfit on the same cutouts: 0.045
