@@ -307,9 +307,9 @@ class _Windows:
         idx = np.stack(np.unravel_index(mm.representatives[best_unique], self.grid.shape), axis=1)
         cells, self.centre[grp.index] = window(self.grid, idx)
         usable = to_host(grp.w > 0)
-        extent = usable.shape[1] - np.argmax(usable[:, ::-1], axis=1)       # last weighted row + 1
+        weighted = usable.shape[1] - np.argmax(usable[:, ::-1], axis=1)     # last weighted row + 1
         unique = mm.inverse[cells]
-        extent = np.minimum(extent, mm.support[unique].max(axis=1))          # where the models are
+        extent = np.minimum(weighted, mm.support[unique].max(axis=1))        # where the models are
         self.b[grp.index], self.gram[grp.index], self.u[grp.index] = window_products(
             xp, mm.models[:grp.n], grp.d, grp.w, unique, extent,
             None if mm.models_major is None else mm.models_major[:, :grp.n])
@@ -317,9 +317,11 @@ class _Windows:
         wd = w * grp.d
         self.c_total[grp.index], self.wd_sum[grp.index] = to_host((wd * grp.d).sum(axis=1)), to_host(wd.sum(axis=1))
         self.w_sum[grp.index], self.npix[grp.index] = to_host(w.sum(axis=1)), grp.npix
-        self._refine(xp, mm, grp, best_unique, fitted, usable.shape[1] - np.argmax(usable[:, ::-1], axis=1))
+        self._refine(xp, mm, grp, best_unique, fitted, weighted)
 
-    def _refine(self, xp, mm, grp, best_unique, fitted, extent):
+    def _refine(self, xp, mm, grp, best_unique, fitted, weighted):
+        """`refine` on the group's window products, then `angle.polish` on its data (`weighted`:
+        each object's last weighted row + 1)."""
         rows = np.asarray(grp.index)
         best_full = mm.representatives[best_unique].astype(np.int64)
         state, background = {}, self.background(rows)
@@ -327,7 +329,7 @@ class _Windows:
         out = refine(self.grid, self.grid.parameters(best_full), best_full, *self.rows(rows), to_host(fitted[2]),
                      to_host(fitted[3]), reduced, background, state)
         polished, angles = polish(xp, mm, grp, self.grid, self.centre[rows], state, background,
-                                  self.c_total[rows], extent)
+                                  self.c_total[rows], weighted)
         out["ANGLE_FIT"][polished] = angles
         if self.columns is None:
             self.columns = {k: np.zeros(len(self.c_total), v.dtype) for k, v in out.items()}
