@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backend import to_host
-from .subgrid import _lagrange, _offsets, _tensor, periodic, refined_axes
+from .subgrid import _lagrange, _offsets, _sky_profiled, _tensor, periodic, refined_axes
 
 #: The grid angles of a slice relative to the one below the refined angle.
 NODES = np.array([-1.0, 0.0, 1.0, 2.0])
@@ -97,20 +97,15 @@ def slice_products(xp, models, d, w, cells_unique, weights, extent, models_major
 def best_offset(b, gram, u, c_total, w_sum, wd_sum, var_b):
     """The offset s (m,) in [-0.5, 1.5] grid steps from the grid angle below at which the cubic
     interpolation of the slices has the lowest chi-square, the amplitude and (with a prior of
-    variance ``var_b`` > 0) a constant sky level fitted; and whether that is a minimum inside the
-    range with a positive amplitude (m,) bool."""
+    variance ``var_b`` > 0) a constant sky level fitted (`subgrid._sky_profiled`, as in
+    `refine`); and whether that is a minimum inside the range with a positive amplitude (m,) bool."""
+    b, gram, c_total = _sky_profiled(b, gram, c_total, u, w_sum, var_b, wd_sum)
     lw = cubic_weights(SEARCH)                                                 # (s, 4)
     s_ = np.einsum("sk,mk->ms", lw, b)
     q = np.einsum("sk,mkl,sl->ms", lw, gram, lw)
-    uu = np.einsum("sk,mk->ms", lw, u)
     with np.errstate(divide="ignore", invalid="ignore"):
-        k = np.where(var_b > 0, w_sum + 1.0 / np.where(var_b > 0, var_b, 1.0), np.inf)[:, None]
-        e = np.where(var_b > 0, wd_sum, 0.0)[:, None]
-        det = q - np.where(np.isfinite(k), uu * uu / k, 0.0)
-        amp = (s_ - np.where(np.isfinite(k), uu * e / k, 0.0)) / det
-        chi2 = c_total[:, None] - amp * (s_ - np.where(np.isfinite(k), uu * e / k, 0.0)) \
-            - np.where(np.isfinite(k), e * e / k, 0.0)
-    chi2 = np.where((det > 0) & (amp > 0) & np.isfinite(chi2), chi2, np.inf)
+        chi2 = c_total[:, None] - s_ * s_ / q
+    chi2 = np.where((q > 0) & (s_ > 0) & np.isfinite(chi2), chi2, np.inf)
     i = np.argmin(chi2, axis=1)
     rows = np.arange(len(i))
     inside = (i > 0) & (i < SEARCH.size - 1) & np.isfinite(chi2[rows, i])

@@ -32,7 +32,7 @@ from ..io.catalog import read_catalog
 from ..models.core import render_cores
 from ..models.psf import read_psf
 from ..models.sersic import render_models
-from .cuts import cut_start, ext_numbers
+from .cuts import cut_start, cut_stack, ext_numbers
 
 #: The first pass's parameters of each model, and its flux.
 PARAMETERS = ("INDEX_FIT", "AX_RATIO_FIT", "ANGLE_FIT", "LOGR_FIT", "FLUX_FIT")
@@ -60,7 +60,7 @@ MIN_MESH_FRACTION = 0.5
 
 def read_fits(path, boxsize: int) -> dict:
     """The usable first-pass fits of a ``_dre.fits`` summary: their keys (EXT_NUMBER, NUMBER),
-    parameters and cut frames (`cut_start` of X/Y_IMAGE, and the centre's offset in it)."""
+    parameters and cut frames (first pixel and the centre's offset in it: `_frame`)."""
     try:
         table = read_catalog(path)
     except InputError:
@@ -225,11 +225,11 @@ class NeighbourModels:
 
     def subtract(self, data, numbers, x0, y0, cleaned) -> None:
         """Replace each cut ``data[k]`` (object `numbers[k]`, first pixel (x0, y0)) by the cut of
-        `cleaned` (image minus background change minus every model) plus its own model."""
-        b = data.shape[-1]
+        `cleaned` (image minus background change minus every model; `cut_stack`, padded with 0
+        as the first cuts are) plus its own model."""
+        stamps = cut_stack(cleaned, x0, y0, data.shape[-1])[0]
         for k, number in enumerate(numbers):
-            stamp = np.zeros((b, b), np.float64)
-            paste(stamp, cleaned, 0, 0, int(x0[k]), int(y0[k]))
+            stamp = stamps[k]
             own = self.own.get(int(number))
             if own is not None:
                 i = self.select[own]
