@@ -132,3 +132,26 @@ def test_model_support_is_the_prefix_that_holds_all_but_the_tail(rows):
     np.testing.assert_array_equal(model_support(np, sq, tail, rows=rows), expected)
     assert expected[1] == p and expected[0] == 1 and 1 < expected[2:].min() < p
 
+
+
+def test_unique_models_are_ordered_by_their_reach():
+    """The unique models run from the most compact to the most extended (`support_radius`), each
+    still the first cell of its class, and the radius is where the tail of I^2 is SUPPORT_TAIL."""
+    from dre_hpc.models.generate import preset_grid
+    from dre_hpc.models.grid import SUPPORT_TAIL, support_radius
+    grid = preset_grid("sersic")
+    reps, inverse = grid.unique_models()
+    par = grid.parameters(reps)
+    reach = support_radius(par["INDEX"], par["LOGR"])
+    assert np.all(np.diff(np.round(reach, 6)) >= 0)
+    first = np.full(reps.size, grid.size)
+    np.minimum.at(first, inverse, np.arange(grid.size))
+    assert np.array_equal(first, reps)
+    from scipy.integrate import quad
+    from scipy.special import gammaincinv
+    for n in (0.5, 1.0, 4.0):
+        def squared(r):                                 # r I(r)^2 of a profile with r_e = 1
+            return r * np.exp(-2 * gammaincinv(2 * n, 0.5) * r ** (1 / n))
+        edge = support_radius(n, 0.0)
+        tail = quad(squared, edge, np.inf, limit=200)[0] / quad(squared, 0, np.inf, limit=200)[0]
+        assert abs(tail / SUPPORT_TAIL - 1) < 1e-3, (n, tail)

@@ -223,7 +223,7 @@ def prepare_cutouts(xp, cuts, options):
 
 def _fit_wls(xp, mm, grp):
     models = mm.models[:grp.n]
-    chi2, amp_all = wls_chi2(xp, grp.d, grp.w, models, mm.models_sq[:grp.n])
+    chi2, amp_all = wls_chi2(xp, grp.d, grp.w, models, mm.models_sq[:grp.n], mm.column_blocks(grp.n))
     best, chi2_best, amp, err = recheck_wls(xp, grp.d, grp.w, models, chi2, models_major=mm.models_major)
     surface = chi2.astype(xp.float64)
     surface[xp.arange(grp.d.shape[0]), best] = chi2_best      # exact value at the chosen model

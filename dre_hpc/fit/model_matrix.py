@@ -35,13 +35,16 @@ from threadpoolctl import threadpool_limits
 from ..errors import DreError
 from ..models.convolve import ALGORITHM_VERSION, convolve_cube, psf_digest, remove_pixel_response
 from ..models.core import CORE_VERSION, CoreStore, core_pixels, correction_matrix
+from ..models.grid import SUPPORT_TAIL, UNIQUE_ORDER
 from .backend import get_backend, to_host
 
 log = logging.getLogger(__name__)
 
 #: Stamps convolved per block before they are scattered into the pixel-major matrix.
 CONVOLVE_BLOCK = 64
-LAYOUT_VERSION = "radial-v1"
+LAYOUT_VERSION = f"radial-v1|{UNIQUE_ORDER}"
+#: Models per block of `ModelMatrix.column_blocks` (adjacent blocks with the same rows are merged).
+COLUMN_BLOCK = 256
 
 
 def radial_order(boxsize: int) -> np.ndarray:
@@ -88,10 +91,6 @@ def model_major_limit() -> int:
     except (ValueError, OSError, AttributeError):
         return MODEL_MAJOR_BYTES
     return int(min(MODEL_MAJOR_BYTES, memory * MODEL_MAJOR_MEMORY_FRACTION))
-
-
-#: Fraction of a model's sum of squares allowed beyond its `ModelMatrix.support`.
-SUPPORT_TAIL = 1e-7
 
 
 def model_support(xp, models_sq, tail=SUPPORT_TAIL, rows=128) -> np.ndarray:
@@ -161,6 +160,23 @@ class ModelMatrix:
         if getattr(self, "_support", None) is None:
             self._support = model_support(self.xp, self.models_sq)
         return self._support
+
+    def column_blocks(self, n: int) -> list:
+        """``[(k0, k1, rows), ...]``: the models ``k0:k1`` need only their first ``rows`` (<= `n`)
+        rows to reach every pixel of a group whose pixels are the first `n` rows: blocks of
+        `COLUMN_BLOCK` models, each stopped at its largest `support` (the unique models are ordered
+        by their reach, `models.grid.support_radius`), adjacent blocks with the same rows merged."""
+        if getattr(self, "_block_support", None) is None:
+            s = self.support
+            self._block_support = np.array([s[k:k + COLUMN_BLOCK].max() for k in range(0, s.size, COLUMN_BLOCK)])
+        blocks = []
+        for b, reach in enumerate(self._block_support):
+            rows, k0, k1 = int(min(n, reach)), b * COLUMN_BLOCK, min((b + 1) * COLUMN_BLOCK, self.n_models)
+            if blocks and blocks[-1][2] == rows:
+                blocks[-1] = (blocks[-1][0], k1, rows)
+            else:
+                blocks.append((k0, k1, rows))
+        return blocks
 
     @property
     def n_models(self) -> int:

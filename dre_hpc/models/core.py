@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .grid import UNIQUE_ORDER
 from .sersic import render_models
 
 #: Fine pixels per pixel (odd, so that a pixel's centre is a fine pixel's centre).
@@ -124,7 +125,8 @@ def cores_file(grid):
         inside = cube.is_file() and cube.resolve().parent == cache_dir().resolve()
     except OSError:
         return None
-    return cube.with_name(f"{cube.stem}.cores-{CORE_VERSION}.npy") if inside else None
+    # rows in the order of the unique models: that order is part of the name
+    return cube.with_name(f"{cube.stem}.cores-{CORE_VERSION}-{UNIQUE_ORDER}.npy") if inside else None
 
 
 class CoreStore:

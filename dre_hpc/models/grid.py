@@ -11,7 +11,10 @@ Conventions (shared by the renderer, the cube files and the fit):
 
 Models that are identical by symmetry (every angle at b/a = 1, angles that differ by 180 degrees)
 share one *unique* model: the fit evaluates each unique model once and expands the result back to
-the full grid with :meth:`ModelGrid.unique_models`.
+the full grid with :meth:`ModelGrid.unique_models`. The unique models are ordered by how far they
+reach (`support_radius`), so that models of about the same extent lie side by side in the fit's
+model matrix and its products stop each block of them where they end
+(`fit.model_matrix.ModelMatrix.column_blocks`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,23 @@ AXIS_KEYS = {
 }
 AXIS_NAMES = tuple(AXIS_KEYS)
 ROUND_TOLERANCE = 1e-6
+#: The order of the unique models (`ModelGrid.unique_models`): by `support_radius`, then grid
+#: order. Part of the identity of everything stored per unique model (convolved models, cores).
+UNIQUE_ORDER = "support-v1"
+#: Fraction of a model's sum of squares beyond its support: `support_radius` before the PSF,
+#: `fit.model_matrix.model_support` after it.
+SUPPORT_TAIL = 1e-7
+
+
+def support_radius(index, logr, tail: float = SUPPORT_TAIL) -> np.ndarray:
+    """Major-axis radius (pixels) beyond which a Sersic profile of index `index` and log10
+    half-light radius `logr` holds `tail` of its sum of squares, before any PSF: I^2 is a Sersic
+    profile of the same index with its scale divided by 2^n, so the radius solves
+    ``Q(2n, 2 b_n (R / r_e)^(1/n)) = tail`` (Q: the regularised upper incomplete gamma function)."""
+    from scipy.special import gammainccinv, gammaincinv
+    n = np.maximum(np.asarray(index, float), 0.05)
+    b_n = gammaincinv(2 * n, 0.5)
+    return 10.0 ** np.asarray(logr, float) * (gammainccinv(2 * n, tail) / (2 * b_n)) ** n
 
 
 @dataclass(frozen=True)
@@ -110,7 +130,8 @@ class ModelGrid:
         Returns
         -------
         representatives : ndarray of int, shape (K_unique,)
-            Flat full-grid index of each distinct model (the first of its class).
+            Flat full-grid index of each distinct model (the first of its class), ordered by
+            `support_radius` and then by that index (`UNIQUE_ORDER`).
         inverse : ndarray of int, shape (size,)
             For every flat full-grid cell, the position of its model in ``representatives``.
         """
@@ -122,7 +143,8 @@ class ModelGrid:
             keys = np.stack([np.round(n, 6), np.round(q, 6), angle_key, np.round(r, 6)], -1)
             keys = keys.reshape(-1, 4)
             _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-            order = np.argsort(first)  # keep representatives in grid order
+            reach = support_radius(n.ravel()[first], r.ravel()[first])
+            order = np.lexsort((first, np.round(reach, 6)))     # by reach, then grid order
             rank = np.empty_like(order)
             rank[order] = np.arange(order.size)
             object.__setattr__(self, "_unique", (first[order], rank[inverse.ravel()]))
