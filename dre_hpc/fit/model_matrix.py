@@ -267,8 +267,9 @@ class NodeModels:
                 self._convolve(psf, effective)
                 self.matrix = ModelMatrix(self.xp, self.grid, self.convolved, self.convolved_sq,
                                           self.convolved_major)
+                support = self.matrix.support        # with the models: every wls product needs it
                 if entry is not None and self.comm.rank == 0:
-                    entry.write(self.convolved, self.convolved_sq, self.convolved_major, self.matrix.support)
+                    entry.write(self.convolved, self.convolved_sq, self.convolved_major, support)
             self.digest = digest
             self.seconds_preparing += time.perf_counter() - begin
         return self.matrix
