@@ -113,6 +113,17 @@ def test_the_prep_second_pass_is_make_cuts_neighbours(batch_run, tile, tmp_path)
     assert np.array_equal(ours.data, theirs.data) and np.array_equal(ours.mask, theirs.mask)
     assert np.all(theirs.objects["BACK_ERR"] == BACKGROUND_ERROR)
     assert f"tiles/{tile}/Cuts/{tile}_cuts.h5" in prep["outputs"]
+    # and the first pass is dre's fit of the first cuts (the fit jobs' BLAS threads: --cpu 1)
+    assert make_cuts.main(["-i", str(tmp_path / "Tiles"), "-s", str(base / "Sextracted"),
+                           "-o", str(tmp_path / "Cuts1")]) == 0
+    assert dre_main(["-i", str(tmp_path / "Cuts1" / f"{tile}_cuts.h5"), "--psf", str(base / "PSF"),
+                     "--catalogs", str(base / "Sextracted"), "-o", str(tmp_path / "S1"), "--chi", str(tmp_path / "C1"),
+                     "--chunk", "8", "--cpu", "1"]) == 0
+    single = Table.read(tmp_path / "S1" / f"{tile}_dre.fits")
+    assert single.colnames == first.colnames
+    for name in first.colnames:
+        a, b = np.asarray(single[name]), np.asarray(first[name])
+        assert np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), f"column {name} differs"
 
 
 def test_fit_jobs_load_the_models_convolved_by_the_prep(batch_run):

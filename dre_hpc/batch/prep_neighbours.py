@@ -15,6 +15,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from ..preprocess.cut_tiles import NeighbourOptions, cut_tile
 from .rundir import RunDir, Tile, file_sha256, remove_path
 
@@ -43,7 +45,10 @@ def second_pass(rundir: RunDir, config, tile: Tile, done: dict) -> dict:
                         cache_dir=rundir.model_cache(tile.name))
     job = TileJob(cuts=str(products["cuts"]), psf=str(products["psf"]), summary_dir=str(first), chi_dir=None,
                   catalogs=str(products["sextracted"]), options=fit_options(config, done))
-    fitted = fit_tile(models, Path(products["cuts"]), job)
+    # BLAS on the fit jobs' thread count, as `fit_job.run_fit` pins it: the first pass does not
+    # depend on the machine's core count, and preps that run side by side do not oversubscribe it
+    with threadpool_limits(limits=config["resources"]["fit"]["cpus_per_task"], user_api="blas"):
+        fitted = fit_tile(models, Path(products["cuts"]), job)
     image = image_link(rundir, tile)
     try:
         maps = {role: Path(path) for role, path in done["maps"].items() if path}
