@@ -3,7 +3,7 @@
 Challenge's metrics (issue 16, item 1).
 
     python benchmarks/bench_accuracy.py [--quick] [--workdir DIR] [--json PATH] [--jobs 2]
-                                        [--no-bulge] [--no-imfit] [--centroids] [--seed 16]
+                                        [--no-bulge] [--no-imfit] [--centroids] [--seed 16] [--bound]
 
 (1) Two seeded GalSim tiles (``accuracy_sim.py``: one Moffat, one Kolmogorov PSF; Sersic n
 log-uniform 0.5-6, b/a 0.1-1, major-axis r_e log-uniform 1.5-20 px, S/N log-uniform 10-1000,
@@ -12,6 +12,8 @@ the project's commands run as subprocesses from this interpreter's environment: 
 ``psfex_dre`` -> ``make_cuts`` -> ``dre -m sersic`` (and ``dre -m bulge``, the default n = 4 cube,
 unless ``--no-bulge``), ``--cpu 1``. (3) Detections matched to the truth (``match_positions``, 2 px).
 (4) PyImfit (``accuracy_imfit.py``) on the same cutouts, mask, rms and PSF, as the reference.
+(4b) With ``--bound``: the Cramer-Rao bound of each matched galaxy from the truth (``accuracy_bound.py``),
+on its fit mask and on its whole stamp, scored as two more fitters: the information limit.
 (5) Per bin of true S/N (10-20, 20-50, 50-100, 100-1000, all): bias, dispersion, outliers and
 coverage of radius, flux, b/a, n and angle, completeness, catastrophic fraction
 (``accuracy_scoring.py`` has the definitions), and objects/s per core; the tables side by side and,
@@ -49,6 +51,7 @@ sys.path.insert(0, str(HERE))
 import numpy as np  # noqa: E402
 from astropy.table import Table  # noqa: E402
 
+import accuracy_bound as bound  # noqa: E402
 import accuracy_imfit as aim  # noqa: E402
 import accuracy_scoring as sc  # noqa: E402
 from accuracy_sim import simulate, tile_populations  # noqa: E402
@@ -60,7 +63,8 @@ MARGIN = 80
 #: the sersic fit, then ``dre -m sersic`` on those cuts.
 SECOND = "sersic2"
 #: Tables first: the refined fits of both passes beside PyImfit.
-ORDER = ("dre sersic2 refined", "dre sersic refined", "pyimfit", "dre sersic2", "dre sersic")
+ORDER = ("dre sersic2 refined", "dre sersic refined", "pyimfit", "bound (fit mask)", "bound (stamp)",
+         "dre sersic2", "dre sersic")
 MATCH_RADIUS = 2.0
 #: Column mapping of dre's summary: parameter -> (value column, its space, interval centre, error).
 #: Space 'log10': the column holds log10 of the canonical value (px for the radius).
@@ -95,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--centroids", action="store_true", help="make_cuts --centroids (XWIN_IMAGE)")
     p.add_argument("--one-pass", action="store_true", help="skip the second pass (make_cuts --neighbours "
                    "from the sersic fit, then dre -m sersic again)")
+    p.add_argument("--bound", action="store_true", help="also score the Cramer-Rao bound of each galaxy "
+                   "(accuracy_bound.py: GalSim, about 1 s per galaxy over --jobs processes)")
     return p.parse_args(argv)
 
 
@@ -201,7 +207,7 @@ def collect(work: Path, tiles: list, cubes: list) -> dict:
     for name, pop in tiles:
         truth = Table.read(work / "Truth" / f"{name}_truth.fits")
         present = np.nonzero((np.asarray(truth["POP"]).astype(str) == "target") & inside(truth, pop.size))[0]
-        tile = {"name": name, "pop": pop, "truth": truth[present], "rows": {}, "summary": {}}
+        tile = {"name": name, "pop": pop, "truth": truth[present], "rows": {}, "summary": {}, "work": work}
         for cube in cubes:
             summ = Table.read(work / f"Summary_{cube}" / f"{name}_dre.fits")
             hit = match_positions(summ["X_IMAGE"], summ["Y_IMAGE"], truth["X"], truth["Y"], MATCH_RADIUS)
@@ -332,6 +338,36 @@ def score_imfit(work, tiles, truth, jobs) -> dict:
             "speed_command": info["objects"] / (info["wall_s"] * max(1, jobs)), "timing": info}
 
 
+def score_bound(tiles, truth, jobs) -> dict:
+    """The Cramer-Rao bound (``accuracy_bound``) of every target that dre's sersic fit matched, on its
+    first cuts' mask and on its whole stamp, scored as two fitters."""
+    from dre_hpc.io.cuts import read_cuts
+    print("(4b) Cramer-Rao bounds from the truth", flush=True)
+    start = time.perf_counter()
+    tasks, k0 = [], 0
+    for tile in tiles:
+        cuts = read_cuts(tile["work"] / "Cuts" / f"{tile['name']}_cuts.h5")
+        for k, row in enumerate(tile["rows"]["sersic"]):
+            if row >= 0:
+                t = tile["truth"][k]
+                truth_row = {c: float(t[c]) for c in ("X", "Y", "LOGR", "AX_RATIO", "INDEX", "ANGLE", "FLUX")}
+                obj = cuts.objects[row]
+                tasks.append((k0 + k, truth_row, (int(obj["X0"]), int(obj["Y0"])), np.asarray(cuts.mask[row], bool),
+                              tile["pop"]))
+        k0 += len(tile["rows"]["sersic"])
+    sigmas = {"mask": [None] * k0, "stamp": [None] * k0}
+    with Pool(max(1, jobs)) as pool:
+        for index, out in pool.imap_unordered(bound.bound_task, tasks, chunksize=2):
+            for name in sigmas:
+                sigmas[name][index] = out[name]
+    print(f"  {len(tasks)} galaxies, {time.perf_counter() - start:.1f} s wall ({jobs} processes)", flush=True)
+    scores = {}
+    for name, label in (("mask", "bound (fit mask)"), ("stamp", "bound (stamp)")):
+        est, pooled, fitted = bound.bound_estimates(sigmas[name], truth)
+        scores[label] = {"bins": sc.score_fitter(est, pooled, fitted), "draws": bound.DRAWS}
+    return scores
+
+
 def report(args, tiles, truth, scores, extra) -> None:
     # the Sersic-index fits (grid, refined) beside PyImfit first, then the n = 4 cube
     names = sorted(scores, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
@@ -377,6 +413,8 @@ def main(argv=None) -> int:
             scores["pyimfit"] = score_imfit(work, tiles, truth, args.jobs)
         else:
             extra["pyimfit"] = why
+        if args.bound:
+            scores.update(score_bound(tiles, truth, args.jobs))
         report(args, tiles, truth, scores, extra)
     finally:
         if tmp:
