@@ -7,9 +7,11 @@ rendering: ``accuracy_sim``'s PSF and conventions) over the pixels of its cutout
 
 with theta = (ln F, log10 r_e, b/a, log10 n, angle, x, y) and the sky level known, gives the
 smallest covariance ``F^-1`` that an unbiased estimator can reach from those pixels (central
-differences of renders; the flux derivative is the image itself). Two pixel sets: the fit mask
-that both fitters get (``mask``) and the whole 128 x 128 stamp with the neighbours left out
-(``stamp``: what a fitter that modelled every neighbour exactly could use).
+differences of renders; the flux derivative is the image itself). Three cases: the fit mask that
+both fitters get (``mask``); the whole 128 x 128 stamp with the neighbours left out (``stamp``: what
+a fitter that modelled every neighbour exactly could use); the fit mask with a constant sky level
+fitted as well, without prior (``mask, sky free``: a fitter that learns the sky from the cutout
+alone; dre fits it with a prior from the background map's error, ``BACK_ERR``).
 
 `bound_estimates` turns the bounds into a "fitter" for ``accuracy_scoring.score_fitter``: each
 object's error drawn from N(0, sigma_CR) in the parameter's fitting space, ``DRAWS`` times
@@ -73,23 +75,25 @@ def derivatives(galsim, psf, shape, origin, truth: dict) -> tuple:
     return centre, out
 
 
-def fisher_sigmas(unit, derivs, flux, weights_of: dict, sky: float, gain: float) -> dict:
+def fisher_sigmas(unit, derivs, flux, weights_of: dict, sky: float, gain: float, sky_free=()) -> dict:
     """{pixel set: 1-sigma Cramer-Rao bounds}, an array: ln F, then the parameters of ``derivs`` in
-    their order; ``weights_of`` maps a set's name to its boolean pixels. NaN where the Fisher matrix
-    is singular there."""
+    their order; ``weights_of`` maps a set's name to its boolean pixels. The sets named in
+    ``sky_free`` also fit a constant sky level (no prior), whose bound is left out. NaN where the
+    Fisher matrix is singular."""
     model = flux * unit
     var = (sky + np.maximum(model, 0.0)) / gain
-    jac = np.stack([model] + [flux * d for d in derivs]).reshape(1 + len(derivs), -1)
+    jac = np.stack([model] + [flux * d for d in derivs] + [np.ones_like(model)]).reshape(2 + len(derivs), -1)
     out = {}
     for name, use in weights_of.items():
+        j = jac if name in sky_free else jac[:-1]
         w = (np.asarray(use, bool).ravel() / var.ravel())
-        fisher = (jac * w) @ jac.T
+        fisher = (j * w) @ j.T
         try:
-            cov = np.linalg.inv(fisher)
-            sig = np.sqrt(np.diag(cov))
+            with np.errstate(invalid="ignore"):
+                sig = np.sqrt(np.diag(np.linalg.inv(fisher)))
         except np.linalg.LinAlgError:
-            sig = np.full(len(jac), np.nan)
-        out[name] = sig
+            sig = np.full(len(j), np.nan)
+        out[name] = sig[:len(jac) - 1]
     return out
 
 
@@ -100,8 +104,8 @@ def bound_task(task):
     index, truth, origin, mask, pop = task
     psf = make_psf(galsim, pop)
     unit, derivs = derivatives(galsim, psf, mask.shape, origin, truth)
-    sets = {"mask": mask, "stamp": np.ones_like(mask, bool)}
-    sigmas = fisher_sigmas(unit, derivs, truth["FLUX"], sets, pop.sky_level, pop.gain)
+    sets = {"mask": mask, "stamp": np.ones_like(mask, bool), "mask, sky free": mask}
+    sigmas = fisher_sigmas(unit, derivs, truth["FLUX"], sets, pop.sky_level, pop.gain, sky_free=("mask, sky free",))
     return index, {name: dict(zip(PARAMS, map(float, sig))) for name, sig in sigmas.items()}
 
 

@@ -13,7 +13,8 @@ the project's commands run as subprocesses from this interpreter's environment: 
 unless ``--no-bulge``), ``--cpu 1``. (3) Detections matched to the truth (``match_positions``, 2 px).
 (4) PyImfit (``accuracy_imfit.py``) on the same cutouts, mask, rms and PSF, as the reference.
 (4b) With ``--bound``: the Cramer-Rao bound of each matched galaxy from the truth (``accuracy_bound.py``),
-on its fit mask and on its whole stamp, scored as two more fitters: the information limit.
+on its fit mask (sky known, or fitted too) and on its whole stamp, scored as three more fitters: the
+information limit.
 (5) Per bin of true S/N (10-20, 20-50, 50-100, 100-1000, all): bias, dispersion, outliers and
 coverage of radius, flux, b/a, n and angle, completeness, catastrophic fraction
 (``accuracy_scoring.py`` has the definitions), and objects/s per core; the tables side by side and,
@@ -63,8 +64,9 @@ MARGIN = 80
 #: the sersic fit, then ``dre -m sersic`` on those cuts.
 SECOND = "sersic2"
 #: Tables first: the refined fits of both passes beside PyImfit.
-ORDER = ("dre sersic2 refined", "dre sersic refined", "pyimfit", "bound (fit mask)", "bound (stamp)",
-         "dre sersic2", "dre sersic")
+#: accuracy_bound's pixel sets -> fitter names.
+BOUNDS = {"mask": "bound (fit mask)", "mask, sky free": "bound (mask, free sky)", "stamp": "bound (stamp)"}
+ORDER = ("dre sersic2 refined", "dre sersic refined", "pyimfit", *BOUNDS.values(), "dre sersic2", "dre sersic")
 MATCH_RADIUS = 2.0
 #: Column mapping of dre's summary: parameter -> (value column, its space, interval centre, error).
 #: Space 'log10': the column holds log10 of the canonical value (px for the radius).
@@ -339,8 +341,8 @@ def score_imfit(work, tiles, truth, jobs) -> dict:
 
 
 def score_bound(tiles, truth, jobs) -> dict:
-    """The Cramer-Rao bound (``accuracy_bound``) of every target that dre's sersic fit matched, on its
-    first cuts' mask and on its whole stamp, scored as two fitters."""
+    """The Cramer-Rao bounds (``accuracy_bound``) of every target that dre's sersic fit matched, on its
+    first cuts' mask (sky known or free) and on its whole stamp, scored as three fitters."""
     from dre_hpc.io.cuts import read_cuts
     print("(4b) Cramer-Rao bounds from the truth", flush=True)
     start = time.perf_counter()
@@ -355,14 +357,14 @@ def score_bound(tiles, truth, jobs) -> dict:
                 tasks.append((k0 + k, truth_row, (int(obj["X0"]), int(obj["Y0"])), np.asarray(cuts.mask[row], bool),
                               tile["pop"]))
         k0 += len(tile["rows"]["sersic"])
-    sigmas = {"mask": [None] * k0, "stamp": [None] * k0}
+    sigmas = {name: [None] * k0 for name in BOUNDS}
     with Pool(max(1, jobs)) as pool:
         for index, out in pool.imap_unordered(bound.bound_task, tasks, chunksize=2):
             for name in sigmas:
                 sigmas[name][index] = out[name]
     print(f"  {len(tasks)} galaxies, {time.perf_counter() - start:.1f} s wall ({jobs} processes)", flush=True)
     scores = {}
-    for name, label in (("mask", "bound (fit mask)"), ("stamp", "bound (stamp)")):
+    for name, label in BOUNDS.items():
         est, pooled, fitted = bound.bound_estimates(sigmas[name], truth)
         scores[label] = {"bins": sc.score_fitter(est, pooled, fitted), "draws": bound.DRAWS}
     return scores

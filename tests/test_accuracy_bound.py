@@ -35,11 +35,16 @@ def test_fisher_bounds_of_a_gaussian_are_the_closed_forms(bound):
     d_dx = unit * x / s ** 2                     # d unit / d x_centre
     snr = flux * math.sqrt(np.square(unit).sum()) / sigma
     gain = 1e12                                   # variance sky / gain = sigma^2, the object's Poisson term negligible
-    out = bound.fisher_sigmas(unit, [d_dx], flux, {"all": np.ones_like(unit, bool), "half": x < 0},
-                              sigma ** 2 * gain, gain)
+    every = np.ones_like(unit, bool)
+    out = bound.fisher_sigmas(unit, [d_dx], flux, {"all": every, "half": x < 0, "sky": every},
+                              sigma ** 2 * gain, gain, sky_free=("sky",))
     assert out["all"][0] == pytest.approx(1 / snr, rel=1e-6)
     assert out["all"][1] == pytest.approx(math.sqrt(2) * s / snr, rel=1e-3)
     assert out["half"][0] > 1.3 * out["all"][0]
+    # a free sky level b: the flux's bound grows by 1 / sqrt(1 - rho^2), rho the correlation of d/dF and d/db
+    rho2 = unit.sum() ** 2 / (unit.size * np.square(unit).sum())
+    assert len(out["sky"]) == 2 and out["sky"][0] == pytest.approx(1 / snr / math.sqrt(1 - rho2), rel=1e-6)
+    assert out["sky"][1] == pytest.approx(out["all"][1], rel=1e-6)        # the centre is odd, the sky even
 
 
 def test_galsim_bounds_respect_the_simulation_s_n(bound):
@@ -63,6 +68,8 @@ def test_galsim_bounds_respect_the_simulation_s_n(bound):
     assert full["stamp"]["ln F"] > 1.2 / snr
     for p in bound.PARAMS:
         assert np.isfinite(full["stamp"][p]) and full["mask"][p] > full["stamp"][p]
+        assert full["mask, sky free"][p] >= full["mask"][p]
+    assert full["mask, sky free"]["log10 r"] > 1.05 * full["mask"]["log10 r"]
     # a radius bound that the centre's does not dwarf: derivatives along each axis, not copies
     assert 0.005 < full["stamp"]["log10 r"] < 0.05 and 0.02 < full["stamp"]["x"] < 0.2
 
