@@ -57,7 +57,7 @@ class QuadraticModels:
         return np.ascontiguousarray(self.at(_coords(self.grid)).T.astype(np.float32))   # (P, K)
 
 
-def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2, var_b=None):
+def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2, var_b=None, reduced_chi2=1.0):
     """refine() of one object: window products from `models` (P, K), every cell its own model;
     ``var_b``: the variance of the sky level (None: no background term)."""
     best_full = np.array([np.ravel_multi_index(tuple(best_idx), grid.shape)])
@@ -70,7 +70,7 @@ def _refine(grid, models, data, best_idx, weight=1 / SIGMA ** 2, var_b=None):
     background = None if var_b is None else (u, w.sum(axis=1, dtype=float), np.array([var_b]),
                                               (w.astype(float) * d).sum(axis=1))
     return refine(grid, values, best_full, centre, b, gram, c_total, np.ones(1), np.array([1.0]),
-                  np.array([0.1]), np.array([1.0]), background)
+                  np.array([0.1]), np.array([reduced_chi2]), background)
 
 
 def _fisher_errors(qm, x_true, amp):
@@ -106,6 +106,26 @@ def test_quadratic_models_are_recovered_exactly(grid_name):
     assert out["FLUX_FIT_ERR"][0] == pytest.approx(np.hypot(errors[-1], 3.0 * SYSTEMATIC["FLUX"]), rel=1e-3)
     if grid_name == "default":                       # a one-value axis keeps its value, no error
         assert out["INDEX_FIT"][0] == 4.0 and np.isnan(out["INDEX_FIT_ERR"][0])
+
+
+def test_a_poor_fit_widens_every_error_but_the_angles():
+    """A reduced chi-square of 4 doubles the statistical errors of the index, b/a, radius and flux;
+    the angle's stays that of the Fisher matrix (`refine`: the excess comes from the core, the
+    angle's information from the outskirts); the values do not move."""
+    grid = sersic_grid()
+    qm = QuadraticModels(grid)
+    x_true = np.array([5.37, 4.3, 5.4, 10.6])
+    data = 3.0 * qm.at(x_true)
+    good = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int))
+    poor = _refine(grid, qm.matrix(), data, np.rint(x_true).astype(int), reduced_chi2=4.0)
+    errors = _fisher_errors(qm, x_true, 3.0)
+    for j, i in enumerate(qm.axes):
+        a = grid.axes[i]
+        floor = SYSTEMATIC[a.name] * ((a.start + x_true[i] * a.step) if a.name == "INDEX" else 1.0)
+        want = errors[j] if a.name == "ANGLE" else 2.0 * errors[j]
+        assert poor[f"{a.name}_FIT_ERR"][0] == pytest.approx(np.hypot(want, floor), rel=1e-3), a.name
+        assert poor[f"{a.name}_FIT"][0] == good[f"{a.name}_FIT"][0]
+    assert poor["FLUX_FIT_ERR"][0] == pytest.approx(np.hypot(2.0 * errors[-1], 3.0 * SYSTEMATIC["FLUX"]), rel=1e-3)
 
 
 def test_background_level_enters_the_errors_as_a_nuisance():

@@ -11,7 +11,8 @@ chi-square of ``a m(t)`` is ``C - 2 a L^T b + a^2 L^T G L`` for any t, so the fi
 amplitude a (profiled, a >= 0) is a few Newton steps on 3^D-vectors, not on pixels. The result is
 ``<NAME>_FIT`` and ``FLUX_FIT = a`` (the models have unit flux and the weights sum to one); their
 covariance is 2 H^-1 of the exact Hessian H of the chi-square in (t, a) at the minimum (the
-Delta chi2 = 1 ellipsoid), scaled by the reduced chi-square where that exceeds 1 and divided by
+Delta chi2 = 1 ellipsoid), scaled by the reduced chi-square where that exceeds 1 (not the
+angle's: see `refine`) and divided by
 the sub-pixel centring's variance factor: the resampled pixels' noise is correlated, and the
 chi-square, which takes their (smaller) variances as independent, overstates the information by
 that factor. The sky background's level is not known exactly either: a constant level c under the
@@ -344,8 +345,9 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
     b, gram = np.where(usable[:, None], b, 1.0), np.where(usable[:, None, None], gram, np.eye(b.shape[1]))
     angle = [j for j, ax in enumerate(axes) if grid.axes[ax].name == "ANGLE"]
     angle = angle[0] if angle else None
+    excess = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0)
     with np.errstate(over="ignore"):               # no degrees of freedom: an infinite scale
-        scale = np.maximum(np.nan_to_num(reduced_chi2, nan=1.0), 1.0) / np.asarray(shrink, np.float64)
+        scale = excess / np.asarray(shrink, np.float64)
     fitted = (b, gram, c_total) if background is None else _sky_profiled(b, gram, c_total, *background)
     t, hess, ok, round_, a_fit = _fit_window(start, *fitted, usable, angle, grid.angle.step)
     cov = 2.0 * _inverse(hess, ok)
@@ -376,6 +378,14 @@ def refine(grid, best_values, best_full, centre, b, gram, c_total, shrink, amp, 
         a = grid.axes[ax]
         value = a.values[centre[:, j]] + t[:, j] * a.step
         err = np.sqrt(np.maximum(cov[:, j, j], 0.0)) * a.step
+        if a.name == "ANGLE":
+            # not scaled by the reduced chi-square: its excess over 1 comes from the core (the
+            # objects' own Poisson noise, which the cuts' rms leaves out, and the profile's
+            # mismatch), which holds little of the angle's information. Scaled, the angle's errors
+            # covered the truth for 78 % of the accuracy benchmark's S/N 100-1000 galaxies (seeds
+            # 16, 26 and 36, second pass; median reduced chi-square 1.27), unscaled 67 %; the other
+            # bins (median 1.00) moved by 0.02 at most.
+            err = err / np.sqrt(excess)
         if periodic(a):
             value = np.mod(value, 180.0)
         else:
