@@ -80,7 +80,8 @@ MAJOR_BLOCK_BYTES = 1 << 20
 #: the models' cores are computed without aliasing (`models.core`) they are about half what
 #: they were (0.01, 0.006, 0.6, 0.04, 0.02). The angle's (0.46) was the quadratic interpolation's
 #: error; since the angle is interpolated cubically (`angle`) none is left to add: without one,
-#: its errors cover the truth for 78 % of the S/N 100-1000 galaxies (three seeds, second pass).
+#: and not scaled by the reduced chi-square (`refine`), its errors cover the truth for 67 % of the
+#: S/N 100-1000 galaxies (three seeds, second pass).
 SYSTEMATIC = {"LOGR": 0.005, "AX_RATIO": 0.0035, "ANGLE": 0.0, "INDEX": 0.016, "FLUX": 0.011}
 #: Uncertainty of the sky background's level under an object, as a fraction of its pixels' noise
 #: (`background_variance`): the light of neighbours and of galaxies' wings that the background
