@@ -253,26 +253,36 @@ def truth_arrays(tiles) -> dict:
             "angle": t["ANGLE"], "snr": t["SNR"]}
 
 
-def imfit_tasks(work: Path, tiles, cube: str) -> list:
-    """One task per present target matched by dre: its cutout, mask, rms, PSF and guess."""
+def matched_targets(tiles, cube: str):
+    """``(index, tile, k, row, cuts)`` for every present target that `cube`'s fit matched: its index
+    over all tiles' present targets, its position `k` in its tile's truth, its `row` in the
+    summary and in the tile's first cuts (`cuts`, read once per tile)."""
     from dre_hpc.io.cuts import read_cuts
-    from dre_hpc.models.convolve import remove_pixel_response
-    from dre_hpc.models.psf import read_psf
-    tasks, k0 = [], 0
+    k0 = 0
     for tile in tiles:
-        cuts = read_cuts(work / "Cuts" / f"{tile['name']}_cuts.h5")
+        cuts = read_cuts(tile["work"] / "Cuts" / f"{tile['name']}_cuts.h5")
         summ, rows = tile["summary"][cube], tile["rows"][cube]
         if not np.array_equal(np.asarray(summ["NUMBER"]), cuts.objects["NUMBER"]):
             raise SystemExit(f"bench_accuracy: {tile['name']}: summary rows are not the cuts' order")
-        psf = remove_pixel_response(read_psf(work / "PSF" / f"{tile['name']}.psf", ext_number=0))
         for k, row in enumerate(rows):
-            if row < 0:
-                continue
-            obj = cuts.objects[row]
-            centre = (float(obj["X_IMAGE"]) - obj["X0"], float(obj["Y_IMAGE"]) - obj["Y0"])   # 1-based in the cut
-            guess = aim.initial_guess(summ[row], centre)
-            tasks.append((k0 + k, cuts.data[row], cuts.mask[row], cuts.rms[row], psf, guess))
+            if row >= 0:
+                yield k0 + k, tile, k, row, cuts
         k0 += len(rows)
+
+
+def imfit_tasks(tiles, cube: str) -> list:
+    """One task per present target matched by dre: its cutout, mask, rms, PSF and guess."""
+    from dre_hpc.models.convolve import remove_pixel_response
+    from dre_hpc.models.psf import read_psf
+    tasks, psfs = [], {}
+    for index, tile, _, row, cuts in matched_targets(tiles, cube):
+        name = tile["name"]
+        if name not in psfs:
+            psfs[name] = remove_pixel_response(read_psf(tile["work"] / "PSF" / f"{name}.psf", ext_number=0))
+        obj = cuts.objects[row]
+        centre = (float(obj["X_IMAGE"]) - obj["X0"], float(obj["Y_IMAGE"]) - obj["Y0"])   # 1-based in the cut
+        guess = aim.initial_guess(tile["summary"][cube][row], centre)
+        tasks.append((index, cuts.data[row], cuts.mask[row], cuts.rms[row], psfs[name], guess))
     return tasks
 
 
@@ -328,10 +338,10 @@ def score_dre(tiles, cubes, timing, truth) -> dict:
     return scores
 
 
-def score_imfit(work, tiles, truth, jobs) -> dict:
+def score_imfit(tiles, truth, jobs) -> dict:
     print("(4) PyImfit on the same cutouts", flush=True)
     start = time.perf_counter()
-    est, fitted, info = imfit_estimates(imfit_tasks(work, tiles, "sersic"), len(truth["snr"]), jobs)
+    est, fitted, info = imfit_estimates(imfit_tasks(tiles, "sersic"), len(truth["snr"]), jobs)
     info["wall_s"] = time.perf_counter() - start
     print(f"  {info['objects']} fits, {info['failed']} failed, {info['wall_s']:.1f} s wall ({jobs} processes)",
           flush=True)
@@ -343,21 +353,16 @@ def score_imfit(work, tiles, truth, jobs) -> dict:
 def score_bound(tiles, truth, jobs) -> dict:
     """The Cramer-Rao bounds (``accuracy_bound``) of every target that dre's sersic fit matched, on its
     first cuts' mask (sky known or free) and on its whole stamp, scored as three fitters."""
-    from dre_hpc.io.cuts import read_cuts
     print("(4b) Cramer-Rao bounds from the truth", flush=True)
     start = time.perf_counter()
-    tasks, k0 = [], 0
-    for tile in tiles:
-        cuts = read_cuts(tile["work"] / "Cuts" / f"{tile['name']}_cuts.h5")
-        for k, row in enumerate(tile["rows"]["sersic"]):
-            if row >= 0:
-                t = tile["truth"][k]
-                truth_row = {c: float(t[c]) for c in ("X", "Y", "LOGR", "AX_RATIO", "INDEX", "ANGLE", "FLUX")}
-                obj = cuts.objects[row]
-                tasks.append((k0 + k, truth_row, (int(obj["X0"]), int(obj["Y0"])), np.asarray(cuts.mask[row], bool),
-                              tile["pop"]))
-        k0 += len(tile["rows"]["sersic"])
-    sigmas = {name: [None] * k0 for name in BOUNDS}
+    tasks = []
+    for index, tile, k, row, cuts in matched_targets(tiles, "sersic"):
+        t = tile["truth"][k]
+        truth_row = {c: float(t[c]) for c in ("X", "Y", "LOGR", "AX_RATIO", "INDEX", "ANGLE", "FLUX")}
+        obj = cuts.objects[row]
+        tasks.append((index, truth_row, (int(obj["X0"]), int(obj["Y0"])), np.asarray(cuts.mask[row], bool),
+                      tile["pop"]))
+    sigmas = {name: [None] * len(truth["snr"]) for name in BOUNDS}
     with Pool(max(1, jobs)) as pool:
         for index, out in pool.imap_unordered(bound.bound_task, tasks, chunksize=2):
             for name in sigmas:
@@ -412,7 +417,7 @@ def main(argv=None) -> int:
         scores = score_dre(tiles, list(timing), timing, truth)
         extra = {}
         if pyimfit is not None:
-            scores["pyimfit"] = score_imfit(work, tiles, truth, args.jobs)
+            scores["pyimfit"] = score_imfit(tiles, truth, args.jobs)
         else:
             extra["pyimfit"] = why
         if args.bound:
